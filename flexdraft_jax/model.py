@@ -1,0 +1,292 @@
+"""Decoder-only target model (Llama, Qwen2, Qwen3) as pure functions of params.
+
+Layers are Flax linen modules; the layer stack is a `lax.scan` over params with
+a leading layer axis, so compile time does not grow with depth and a caller can
+run any contiguous range of layers (the drafter runs `[0, s)` and `[s, L)`).
+
+Params tree (shapes use d=hidden, N/K=query/kv heads, H=head_dim, F=MLP width):
+  embed/embedding             [V, d]
+  layers/input_norm/scale     [L, d]
+  layers/attn/{q,k,v}_proj    kernel [L, d, N|K, H] (+ bias [L, N|K, H] for Qwen2)
+  layers/attn/{q,k}_norm      scale [L, H] (Qwen3)
+  layers/attn/o_proj          kernel [L, N, H, d]
+  layers/post_norm/scale      [L, d]
+  layers/mlp/{gate,up}_proj   kernel [L, d, F];  layers/mlp/down_proj kernel [L, F, d]
+  final_norm/scale            [d]
+  lm_head/kernel              [d, V]  (absent when embeddings are tied)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flexdraft_jax.model_config import ModelConfig
+
+Params = Any
+_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+# ----------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------
+@flax.struct.dataclass
+class KVCache:
+  """Clean-token keys and values, one fixed-size buffer per layer stack.
+
+  Row b holds valid entries at [0, lengths[b]); anything past that is stale
+  (rolled back or never written) and is masked out, then overwritten.
+  """
+  k: jax.Array        # [L, B, C, K, H]
+  v: jax.Array        # [L, B, C, K, H]
+  lengths: jax.Array  # [B] int32
+
+  @property
+  def capacity(self) -> int:
+    return self.k.shape[2]
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, capacity: int) -> "KVCache":
+    shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+    return cls(k=jnp.zeros(shape, cfg.jnp_dtype), v=jnp.zeros(shape, cfg.jnp_dtype),
+               lengths=jnp.zeros((batch,), jnp.int32))
+
+  def write(self, k_new: jax.Array, v_new: jax.Array, first_layer: int = 0) -> "KVCache":
+    """Writes k/v_new [l, B, T, K, H] at each row's current length (lengths unchanged)."""
+
+    def row(buf, new, start):  # buf [L, C, K, H], new [l, T, K, H]
+      return lax.dynamic_update_slice(buf, new.astype(buf.dtype), (first_layer, start, 0, 0))
+
+    write_rows = jax.vmap(row, in_axes=(1, 1, 0), out_axes=1)
+    return self.replace(k=write_rows(self.k, k_new, self.lengths),
+                        v=write_rows(self.v, v_new, self.lengths))
+
+
+# ----------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse RoPE frequencies [H/2], with Llama-3 scaling when configured."""
+  h = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  rs = cfg.rope_scaling
+  if rs is None:
+    return inv
+  low_wavelen = rs.original_max_position / rs.low_freq_factor
+  high_wavelen = rs.original_max_position / rs.high_freq_factor
+  wavelen = 2 * math.pi / inv
+  scaled = jnp.where(wavelen > low_wavelen, inv / rs.factor, inv)
+  smooth = (rs.original_max_position / wavelen - rs.low_freq_factor) / (
+      rs.high_freq_factor - rs.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotate-half RoPE. x [B, T, heads, H], positions [B, T]."""
+  freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Attention(nn.Module):
+  """q/k/v/o projectors (+ q/k norms). The drafter holds a second copy of these."""
+  cfg: ModelConfig
+
+  def setup(self):
+    c = self.cfg
+    dense = lambda feats, bias, axis=-1: nn.DenseGeneral(
+        feats, axis=axis, use_bias=bias, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype)
+    self.q_proj = dense((c.num_heads, c.head_dim), c.qkv_bias)
+    self.k_proj = dense((c.num_kv_heads, c.head_dim), c.qkv_bias)
+    self.v_proj = dense((c.num_kv_heads, c.head_dim), c.qkv_bias)
+    self.o_proj = dense(c.hidden_size, False, axis=(-2, -1))
+    if c.qk_norm:
+      norm = lambda: RMSNorm(c.rms_norm_eps, c.jnp_dtype, c.jnp_param_dtype)
+      self.q_norm, self.k_norm = norm(), norm()
+
+  def project(self, x_BTD, positions_BT):
+    """Returns q [B,T,N,H], k [B,T,K,H], v [B,T,K,H], RoPE applied."""
+    q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+    if self.cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = rope_inv_freq(self.cfg)
+    return apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq), v
+
+  def output(self, attn_BTNH):
+    return self.o_proj(attn_BTNH)
+
+  def __call__(self, x_BTD, positions_BT):  # used by `init` only
+    q, _, _ = self.project(x_BTD, positions_BT)
+    return self.output(q)
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.cfg
+    dense = lambda f, name: nn.Dense(f, use_bias=False, dtype=c.jnp_dtype,
+                                     param_dtype=c.jnp_param_dtype, name=name)
+    h = nn.silu(dense(c.intermediate_size, "gate_proj")(x)) * dense(c.intermediate_size, "up_proj")(x)
+    return dense(c.hidden_size, "down_proj")(h)
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cache_k=None, cache_v=None, cache_len=None):
+  """Softmax attention of T queries over the cache plus S new keys.
+
+  cache_k/v: [B, C, K, H] for one layer; entries at index >= cache_len[b] are
+  masked. mask_BTS says which new keys each query sees. The cache and the new
+  keys share one softmax, but are never concatenated (no cache copy).
+  """
+  b, t, n, h = q_BTNH.shape
+  kh = k_BSKH.shape[2]
+  q = q_BTNH.reshape(b, t, kh, n // kh, h) * (h ** -0.5)
+  scores = [jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH, preferred_element_type=jnp.float32)]
+  masks = [mask_BTS[:, None, None]]
+  if cache_k is not None:
+    scores.insert(0, jnp.einsum("BTKGH,BCKH->BKGTC", q, cache_k,
+                                preferred_element_type=jnp.float32))
+    valid = jnp.arange(cache_k.shape[1])[None, :] < cache_len[:, None]  # [B, C]
+    masks.insert(0, valid[:, None, None, None, :])
+  s = jnp.concatenate(scores, axis=-1)
+  s = jnp.where(jnp.concatenate([jnp.broadcast_to(m, x.shape) for m, x in zip(masks, scores)],
+                                axis=-1), s, _NEG_INF)
+  p = jax.nn.softmax(s, axis=-1).astype(v_BSKH.dtype)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", p[..., -k_BSKH.shape[1]:], v_BSKH)
+  if cache_k is not None:
+    out += jnp.einsum("BKGTC,BCKH->BTKGH", p[..., :cache_k.shape[1]], cache_v)
+  return out.reshape(b, t, n, h)
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    c = self.cfg
+    self.input_norm = RMSNorm(c.rms_norm_eps, c.jnp_dtype, c.jnp_param_dtype)
+    self.attn = Attention(c)
+    self.post_norm = RMSNorm(c.rms_norm_eps, c.jnp_dtype, c.jnp_param_dtype)
+    self.mlp = Mlp(c)
+
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache_k=None, cache_v=None, cache_len=None):
+    """Returns the new residual stream and this layer's (k, v) of the T tokens."""
+    q, k, v = self.attn.project(self.input_norm(x_BTD), positions_BT)
+    x = x_BTD + self.attn.output(attend(q, k, v, mask_BTS, cache_k, cache_v, cache_len))
+    return x + self.mlp(self.post_norm(x)), (k, v)
+
+  def finish(self, x_BTD, attn_BTNH, attn: Attention | None = None):
+    """Residual + MLP after attention; the drafter calls it with its own projectors."""
+    x = x_BTD + (attn or self.attn).output(attn_BTNH)
+    return x + self.mlp(self.post_norm(x))
+
+
+# ----------------------------------------------------------------------------
+# Whole model
+# ----------------------------------------------------------------------------
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+  """Random params (used for tests, and under eval_shape for memory checks)."""
+  k_embed, k_layers, k_head = jax.random.split(rng, 3)
+  x = jnp.zeros((1, 1, cfg.hidden_size), cfg.jnp_dtype)
+  pos = jnp.zeros((1, 1), jnp.int32)
+  mask = jnp.ones((1, 1, 1), bool)
+  layer = DecoderLayer(cfg)
+  layers = jax.vmap(lambda k: layer.init(k, x, pos, mask)["params"])(
+      jax.random.split(k_layers, cfg.num_layers))
+  params = {
+      "embed": {"embedding": (jax.random.normal(k_embed, (cfg.vocab_size, cfg.hidden_size))
+                              * 0.02).astype(cfg.jnp_param_dtype)},
+      "layers": layers,
+      "final_norm": {"scale": jnp.ones((cfg.hidden_size,), cfg.jnp_param_dtype)},
+  }
+  if not cfg.tie_embeddings:
+    params["lm_head"] = {"kernel": (jax.random.normal(k_head, (cfg.hidden_size, cfg.vocab_size))
+                                    * 0.02).astype(cfg.jnp_param_dtype)}
+  return params
+
+
+def embed(params: Params, cfg: ModelConfig, tokens_BT: jax.Array) -> jax.Array:
+  return jnp.take(params["embed"]["embedding"], tokens_BT, axis=0).astype(cfg.jnp_dtype)
+
+
+def final_hidden(params: Params, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Array:
+  return RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype).apply({"params": params["final_norm"]}, x_BTD)
+
+
+def lm_logits(params: Params, cfg: ModelConfig, h_BTD: jax.Array) -> jax.Array:
+  """Logits in f32 from final-normed hidden states; tied or untied head."""
+  if "lm_head" in params:
+    w, spec = params["lm_head"]["kernel"], "BTD,DV->BTV"
+  else:
+    w, spec = params["embed"]["embedding"], "BTD,VD->BTV"
+  return jnp.einsum(spec, h_BTD, w.astype(cfg.jnp_dtype), preferred_element_type=jnp.float32)
+
+
+def layer_slice(layers: Params, index) -> Params:
+  return jax.tree.map(lambda a: a[index], layers)
+
+
+def run_layers(cfg: ModelConfig, layers: Params, x_BTD, positions_BT, mask_BTS,
+               cache: KVCache | None = None, first: int = 0, last: int | None = None):
+  """Runs layers [first, last) as clean tokens. Returns (x, (k, v)) with k/v [l,B,T,K,H]."""
+  last = cfg.num_layers if last is None else last
+  layer = DecoderLayer(cfg)
+
+  def body(x, i):
+    p = layer_slice(layers, i)
+    if cache is None:
+      return layer.apply({"params": p}, x, positions_BT, mask_BTS)
+    return layer.apply({"params": p}, x, positions_BT, mask_BTS, cache.k[i], cache.v[i],
+                       cache.lengths)
+
+  return lax.scan(body, x_BTD, jnp.arange(first, last))
+
+
+def causal_mask(t: int) -> jax.Array:
+  return jnp.tril(jnp.ones((t, t), bool))[None]
+
+
+def forward(params: Params, cfg: ModelConfig, tokens_BT, positions_BT=None,
+            cache: KVCache | None = None, mask_BTS=None, advance=None):
+  """Full clean forward pass: `(logits [B,T,V] f32, new_cache)`.
+
+  With a cache, positions default to each row's length + arange(T), the T new
+  keys/values are written at each row's length, and lengths grow by `advance`
+  ([B], default T). Without one, returns `(logits, None)`.
+  """
+  b, t = tokens_BT.shape
+  if positions_BT is None:
+    base = cache.lengths[:, None] if cache is not None else jnp.zeros((b, 1), jnp.int32)
+    positions_BT = base + jnp.arange(t, dtype=jnp.int32)[None]
+  if mask_BTS is None:
+    mask_BTS = jnp.broadcast_to(causal_mask(t), (b, t, t))
+  x, (k, v) = run_layers(cfg, params["layers"], embed(params, cfg, tokens_BT), positions_BT,
+                         mask_BTS, cache)
+  logits = lm_logits(params, cfg, final_hidden(params, cfg, x))
+  if cache is None:
+    return logits, None
+  cache = cache.write(k, v)
+  advance = jnp.full((b,), t, jnp.int32) if advance is None else advance
+  return logits, cache.replace(lengths=cache.lengths + advance)
