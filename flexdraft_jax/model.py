@@ -42,25 +42,26 @@ class KVCache:
   Row b holds valid entries at [0, lengths[b]); anything past that is stale
   (rolled back or never written) and is masked out, then overwritten.
   """
-  k: jax.Array        # [L, B, C, K, H]
-  v: jax.Array        # [L, B, C, K, H]
+  k: jax.Array        # [L, B, K, C, H]  (heads before slots: the layout the dots read)
+  v: jax.Array        # [L, B, K, C, H]
   lengths: jax.Array  # [B] int32
 
   @property
   def capacity(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, capacity: int) -> "KVCache":
-    shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
     return cls(k=jnp.zeros(shape, cfg.jnp_dtype), v=jnp.zeros(shape, cfg.jnp_dtype),
                lengths=jnp.zeros((batch,), jnp.int32))
 
   def write(self, k_new: jax.Array, v_new: jax.Array, first_layer: int = 0) -> "KVCache":
     """Writes k/v_new [l, B, T, K, H] at each row's current length (lengths unchanged)."""
 
-    def row(buf, new, start):  # buf [L, C, K, H], new [l, T, K, H]
-      return lax.dynamic_update_slice(buf, new.astype(buf.dtype), (first_layer, start, 0, 0))
+    def row(buf, new, start):  # buf [L, K, C, H], new [l, T, K, H]
+      new = jnp.swapaxes(new, 1, 2).astype(buf.dtype)
+      return lax.dynamic_update_slice(buf, new, (first_layer, 0, start, 0))
 
     write_rows = jax.vmap(row, in_axes=(1, 1, 0), out_axes=1)
     return self.replace(k=write_rows(self.k, k_new, self.lengths),
@@ -157,7 +158,7 @@ class Mlp(nn.Module):
 def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cache_k=None, cache_v=None, cache_len=None):
   """Softmax attention of T queries over the cache plus S new keys.
 
-  cache_k/v: [B, C, K, H] for one layer; entries at index >= cache_len[b] are
+  cache_k/v: [B, K, C, H] for one layer; entries at index >= cache_len[b] are
   masked. mask_BTS says which new keys each query sees. The cache and the new
   keys share one softmax, but are never concatenated (no cache copy).
   """
@@ -167,9 +168,9 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cache_k=None, cache_v=None, cache_l
   scores = [jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH, preferred_element_type=jnp.float32)]
   masks = [mask_BTS[:, None, None]]
   if cache_k is not None:
-    scores.insert(0, jnp.einsum("BTKGH,BCKH->BKGTC", q, cache_k,
+    scores.insert(0, jnp.einsum("BTKGH,BKCH->BKGTC", q, cache_k,
                                 preferred_element_type=jnp.float32))
-    valid = jnp.arange(cache_k.shape[1])[None, :] < cache_len[:, None]  # [B, C]
+    valid = jnp.arange(cache_k.shape[2])[None, :] < cache_len[:, None]  # [B, C]
     masks.insert(0, valid[:, None, None, None, :])
   s = jnp.concatenate(scores, axis=-1)
   s = jnp.where(jnp.concatenate([jnp.broadcast_to(m, x.shape) for m, x in zip(masks, scores)],
@@ -177,7 +178,7 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cache_k=None, cache_v=None, cache_l
   p = jax.nn.softmax(s, axis=-1).astype(v_BSKH.dtype)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", p[..., -k_BSKH.shape[1]:], v_BSKH)
   if cache_k is not None:
-    out += jnp.einsum("BKGTC,BCKH->BTKGH", p[..., :cache_k.shape[1]], cache_v)
+    out += jnp.einsum("BKGTC,BKCH->BTKGH", p[..., :cache_k.shape[2]], cache_v)
   return out.reshape(b, t, n, h)
 
 

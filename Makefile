@@ -1,0 +1,28 @@
+# flexdraft-jax. Every target sets up .venv on first use.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-test.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) decode.py --prompt="What are three tips for staying focused while studying?" \
+	  --max_new_tokens=128 --stream
+
+bench: $(STAMP)
+	$(PY) -m flexdraft_jax.bench --modes=ar --batch_sizes=1,8 --out_dir=bench_out
+
+clean:
+	rm -rf .venv bench_out

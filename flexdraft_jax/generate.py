@@ -1,0 +1,105 @@
+"""Autoregressive batched generation: one jitted `lax.while_loop`, no host syncs.
+
+Rows are ragged: each has its own prompt length, cache length, stop tokens and
+done flag. The KV cache buffer is passed in and donated, so the loop updates it
+in place (one row-scatter of the new token's k/v per step, no cache copies).
+"""
+from __future__ import annotations
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexdraft_jax import model as model_lib
+from flexdraft_jax.model_config import ModelConfig
+from flexdraft_jax.sampling import SamplingConfig, sample
+
+
+@flax.struct.dataclass
+class ArState:
+  cache: model_lib.KVCache
+  last: jax.Array      # [B] last committed token, not yet in the cache
+  tokens: jax.Array    # [B, M] generated tokens, -1 past each row's end
+  num_new: jax.Array   # [B] tokens generated so far
+  done: jax.Array      # [B] row hit a stop token or max_new_tokens
+  key: jax.Array
+  steps: jax.Array     # [] forward passes after prefill
+
+
+def is_stop(tokens_B: jax.Array, stop_ids_BS: jax.Array) -> jax.Array:
+  return jnp.any(tokens_B[:, None] == stop_ids_BS, axis=-1)
+
+
+def prefill(params, cfg: ModelConfig, cache: model_lib.KVCache, prompt_BP, prompt_lens_B):
+  """Runs right-padded ragged prompts through the model into an empty cache.
+
+  Returns the logits at each row's last prompt token [B, V] and the cache with
+  lengths = prompt_lens. Pad positions are written but lie past each length.
+  """
+  cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
+  logits, cache = model_lib.forward(params, cfg, prompt_BP, cache=cache, advance=prompt_lens_B)
+  last = jnp.take_along_axis(logits, (prompt_lens_B - 1)[:, None, None], axis=1)[:, 0]
+  return last, cache
+
+
+def record(tokens_BM, num_new_B, new_B, active_B):
+  """Writes new_B at each active row's next free slot."""
+  rows = jnp.arange(tokens_BM.shape[0])
+  col = jnp.minimum(num_new_B, tokens_BM.shape[1] - 1)
+  return tokens_BM.at[rows, col].set(jnp.where(active_B, new_B, tokens_BM[rows, col]))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling"),
+                   donate_argnames=("cache",))
+def generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, stop_ids_BS, key, *,
+             cfg: ModelConfig, max_new_tokens: int, sampling: SamplingConfig):
+  """Generates up to max_new_tokens per row. Returns (tokens [B, M], num_new [B], steps, cache)."""
+  b = prompt_BP.shape[0]
+  logits, cache = prefill(params, cfg, cache, prompt_BP, prompt_lens_B)
+  key, sub = jax.random.split(key)
+  first = sample(sub, logits, sampling)
+  tokens = jnp.full((b, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
+  state = ArState(cache=cache, last=first, tokens=tokens, num_new=jnp.ones((b,), jnp.int32),
+                  done=is_stop(first, stop_ids_BS) | (max_new_tokens <= 1), key=key,
+                  steps=jnp.zeros((), jnp.int32))
+
+  def cond(s: ArState):
+    return jnp.any(~s.done)
+
+  def body(s: ArState):
+    active = ~s.done
+    logits, cache = model_lib.forward(params, cfg, s.last[:, None], cache=s.cache,
+                                      advance=active.astype(jnp.int32))
+    key, sub = jax.random.split(s.key)
+    new = jnp.where(active, sample(sub, logits[:, 0], sampling), s.last)
+    num_new = s.num_new + active
+    done = s.done | is_stop(new, stop_ids_BS) | (num_new >= max_new_tokens)
+    return ArState(cache=cache, last=new, tokens=record(s.tokens, s.num_new, new, active),
+                   num_new=num_new, done=done, key=key, steps=s.steps + 1)
+
+  state = jax.lax.while_loop(cond, body, state)
+  return state.tokens, state.num_new, state.steps, state.cache
+
+
+def pad_prompts(prompts: list[list[int]], bucket: int = 64, pad_id: int = 0):
+  """Right-pads token lists to a multiple of `bucket`: (prompt_BP, lens_B) numpy."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt must have at least one token")
+  width = -(-max(len(p) for p in prompts) // bucket) * bucket
+  out = np.full((len(prompts), width), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    out[i, :len(p)] = p
+  return out, np.array([len(p) for p in prompts], np.int32)
+
+
+def stop_matrix(stop_ids: list[list[int]] | list[int], batch: int) -> np.ndarray:
+  """Per-row stop ids as a padded [B, S] matrix (-1 never matches a token)."""
+  rows = stop_ids if stop_ids and isinstance(stop_ids[0], (list, tuple)) else [stop_ids] * batch
+  width = max(1, max(len(r) for r in rows))
+  out = np.full((batch, width), -1, np.int32)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r
+  return out

@@ -1,0 +1,267 @@
+"""Loads target weights into our params tree, with no torch at run time.
+
+Two sources share one converter that reads tensors by their HF names:
+  * HF checkpoint folders: `config.json` + `*.safetensors` (sharded or not);
+  * GGUF files (llama architecture): dequantized with `gguf`, llama.cpp's Q/K
+    RoPE row permutation undone, tensor names mapped to HF names.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexdraft_jax import resources
+from flexdraft_jax.model_config import ModelConfig, RopeScaling, default_dtype
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3"}
+GGUF_ARCHITECTURES = ("llama",)
+
+
+class WeightsError(ValueError):
+  """The checkpoint cannot be loaded as given; the message says why."""
+
+
+# ----------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------
+def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
+  rope = dict(hf.get("rope_parameters") or {})        # transformers >= 5
+  rope.update(hf.get("rope_scaling") or {})           # transformers 4
+  theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind == "default":
+    return theta, None
+  if kind == "llama3":
+    return theta, RopeScaling(
+        factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+        high_freq_factor=float(rope["high_freq_factor"]),
+        original_max_position=int(rope["original_max_position_embeddings"]))
+  raise WeightsError(f"unsupported rope scaling type {kind!r} (supported: default, llama3)")
+
+
+def config_from_hf(hf: dict, tie_embeddings: bool, dtype: str, param_dtype: str) -> ModelConfig:
+  archs = hf.get("architectures") or [hf.get("model_type", "?")]
+  family = ARCHITECTURES.get(archs[0])
+  if family is None:
+    raise WeightsError(f"unsupported architecture {archs[0]!r}; supported: "
+                       f"{', '.join(ARCHITECTURES)}")
+  for flag in ("mlp_bias", "use_sliding_window"):
+    if hf.get(flag):
+      raise WeightsError(f"unsupported config option {flag}=true for {archs[0]}")
+  if family == "llama" and hf.get("attention_bias"):
+    raise WeightsError("unsupported config option attention_bias=true for LlamaForCausalLM")
+  theta, scaling = _rope_from_hf(hf)
+  heads = hf["num_attention_heads"]
+  return ModelConfig(
+      family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+      num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rope_theta=theta,
+      rope_scaling=scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      tie_embeddings=tie_embeddings, qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+      max_position=hf.get("max_position_embeddings", 8192), dtype=dtype,
+      param_dtype=param_dtype)
+
+
+# ----------------------------------------------------------------------------
+# Converter: HF tensor names -> params tree
+# ----------------------------------------------------------------------------
+Getter = Callable[[str], np.ndarray]
+
+
+def convert(cfg: ModelConfig, get: Getter) -> dict:
+  """Builds the params tree from a getter of HF-named [out, in] tensors."""
+  d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  f, v = cfg.intermediate_size, cfg.vocab_size
+  dt = cfg.jnp_param_dtype
+
+  def tensor(name, shape):
+    a = get(name)
+    if not np.issubdtype(a.dtype, np.floating) and a.dtype != jnp.bfloat16:
+      raise WeightsError(f"tensor {name} has dtype {a.dtype}; expected a floating type")
+    if tuple(a.shape) != tuple(shape):
+      raise WeightsError(f"tensor {name} has shape {tuple(a.shape)}; the config implies "
+                         f"{tuple(shape)}")
+    return np.asarray(a, np.float32)
+
+  def layer(i):
+    p = f"model.layers.{i}."
+    attn = {
+        "q_proj": {"kernel": tensor(p + "self_attn.q_proj.weight", (n * h, d)).T.reshape(d, n, h)},
+        "k_proj": {"kernel": tensor(p + "self_attn.k_proj.weight", (k * h, d)).T.reshape(d, k, h)},
+        "v_proj": {"kernel": tensor(p + "self_attn.v_proj.weight", (k * h, d)).T.reshape(d, k, h)},
+        "o_proj": {"kernel": tensor(p + "self_attn.o_proj.weight", (d, n * h)).T.reshape(n, h, d)},
+    }
+    if cfg.qkv_bias:
+      for name, heads in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
+        attn[name]["bias"] = tensor(p + f"self_attn.{name}.bias", (heads * h,)).reshape(heads, h)
+    if cfg.qk_norm:
+      attn["q_norm"] = {"scale": tensor(p + "self_attn.q_norm.weight", (h,))}
+      attn["k_norm"] = {"scale": tensor(p + "self_attn.k_norm.weight", (h,))}
+    return {
+        "input_norm": {"scale": tensor(p + "input_layernorm.weight", (d,))},
+        "attn": attn,
+        "post_norm": {"scale": tensor(p + "post_attention_layernorm.weight", (d,))},
+        "mlp": {"gate_proj": {"kernel": tensor(p + "mlp.gate_proj.weight", (f, d)).T},
+                "up_proj": {"kernel": tensor(p + "mlp.up_proj.weight", (f, d)).T},
+                "down_proj": {"kernel": tensor(p + "mlp.down_proj.weight", (d, f)).T}},
+    }
+
+  layers = [layer(i) for i in range(cfg.num_layers)]
+  stacked = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs), dt), *layers)
+  params = {"embed": {"embedding": jnp.asarray(tensor("model.embed_tokens.weight", (v, d)), dt)},
+            "layers": stacked,
+            "final_norm": {"scale": jnp.asarray(tensor("model.norm.weight", (d,)), dt)}}
+  if not cfg.tie_embeddings:
+    params["lm_head"] = {"kernel": jnp.asarray(tensor("lm_head.weight", (v, d)).T, dt)}
+  return params
+
+
+# ----------------------------------------------------------------------------
+# HF safetensors folders
+# ----------------------------------------------------------------------------
+def _safetensors_index(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+  index = folder / "model.safetensors.index.json"
+  if index.is_file():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    files = {name: folder / file for name, file in weight_map.items()}
+    for path in set(files.values()):
+      if not path.is_file():
+        raise WeightsError(f"{index} names shard {path.name}, which is missing")
+    return files
+  shards = sorted(folder.glob("*.safetensors"))
+  if not shards:
+    raise WeightsError(f"no *.safetensors files in {folder}")
+  from safetensors import safe_open
+  files = {}
+  for path in shards:
+    with safe_open(path, framework="numpy") as f:
+      files.update({name: path for name in f.keys()})
+  return files
+
+
+def load_hf(folder: str | pathlib.Path, dtype: str, param_dtype: str):
+  from safetensors import safe_open
+  folder = pathlib.Path(folder)
+  cfg_path = folder / "config.json"
+  if not cfg_path.is_file():
+    raise WeightsError(f"{folder} is not an HF checkpoint folder: config.json is missing")
+  hf = json.loads(cfg_path.read_text())
+  files = _safetensors_index(folder)
+  cfg = config_from_hf(hf, tie_embeddings="lm_head.weight" not in files, dtype=dtype,
+                       param_dtype=param_dtype)
+  handles = {}
+
+  def get(name):
+    if name not in files:
+      raise WeightsError(f"tensor {name} is missing from the checkpoint in {folder}")
+    path = files[name]
+    if path not in handles:
+      handles[path] = safe_open(path, framework="flax")  # flax: reads bf16 too
+    return np.asarray(handles[path].get_tensor(name).astype(jnp.float32))
+
+  return cfg, convert(cfg, get)
+
+
+# ----------------------------------------------------------------------------
+# GGUF
+# ----------------------------------------------------------------------------
+_GGUF_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def _hf_name(gguf_name: str) -> str:
+  base, kind = gguf_name.rsplit(".", 1)
+  if base == "token_embd":
+    return "model.embed_tokens." + kind
+  if base == "output_norm":
+    return "model.norm." + kind
+  if base == "output":
+    return "lm_head." + kind
+  _, i, part = base.split(".", 2)
+  return f"model.layers.{i}.{_GGUF_NAMES.get(part, part)}.{kind}"
+
+
+def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
+  """Undoes llama.cpp's convert permutation of q/k rows ([out, in])."""
+  return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+      w.shape)
+
+
+def gguf_field(reader, key: str, default=None):
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def load_gguf(path: str | pathlib.Path, dtype: str, param_dtype: str):
+  import gguf
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise WeightsError(f"GGUF file {path} does not exist")
+  reader = gguf.GGUFReader(path)
+  arch = gguf_field(reader, "general.architecture")
+  if arch not in GGUF_ARCHITECTURES:
+    raise WeightsError(f"unsupported GGUF architecture {arch!r}; supported: "
+                       f"{', '.join(GGUF_ARCHITECTURES)}")
+  tensors = {_hf_name(t.name): t for t in reader.tensors}
+  heads = gguf_field(reader, f"{arch}.attention.head_count")
+  d = gguf_field(reader, f"{arch}.embedding_length")
+  hf = {
+      "architectures": ["LlamaForCausalLM"], "hidden_size": d,
+      "intermediate_size": gguf_field(reader, f"{arch}.feed_forward_length"),
+      "num_hidden_layers": gguf_field(reader, f"{arch}.block_count"),
+      "num_attention_heads": heads,
+      "num_key_value_heads": gguf_field(reader, f"{arch}.attention.head_count_kv", heads),
+      "head_dim": gguf_field(reader, f"{arch}.rope.dimension_count", d // heads),
+      "vocab_size": gguf_field(reader, f"{arch}.vocab_size",
+                               len(reader.fields["tokenizer.ggml.tokens"].data)),
+      "rope_theta": gguf_field(reader, f"{arch}.rope.freq_base", 10000.0),
+      "rms_norm_eps": gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+      "max_position_embeddings": gguf_field(reader, f"{arch}.context_length", 8192),
+  }
+  if gguf_field(reader, f"{arch}.rope.scaling.type") not in (None, "none"):
+    raise WeightsError("GGUF rope scaling is not supported")
+  cfg = config_from_hf(hf, tie_embeddings="lm_head.weight" not in tensors, dtype=dtype,
+                       param_dtype=param_dtype)
+
+  def get(name):
+    if name not in tensors:
+      raise WeightsError(f"tensor {name} is missing from {path}")
+    t = tensors[name]
+    try:
+      a = gguf.quants.dequantize(t.data, t.tensor_type)
+    except (NotImplementedError, KeyError, ValueError) as e:
+      raise WeightsError(f"GGUF tensor {t.name} uses quant type {t.tensor_type.name}, which "
+                         f"we cannot read ({e})") from None
+    a = np.asarray(a, np.float32).reshape(tuple(reversed([int(x) for x in t.shape])))
+    if name.endswith(("q_proj.weight", "k_proj.weight")):
+      a = _unpermute_rope(a, heads if "q_proj" in name else cfg.num_kv_heads)
+    return a
+
+  return cfg, convert(cfg, get)
+
+
+def load_model(model: str = resources.SMOLLM2_NAME, dtype: str | None = None,
+               param_dtype: str | None = None):
+  """`(ModelConfig, params)` for a model name, a .gguf file or an HF folder."""
+  dtype = dtype or default_dtype()
+  param_dtype = param_dtype or dtype
+  if model == resources.SMOLLM2_NAME:
+    return load_gguf(resources.smollm2_gguf_path(), dtype, param_dtype)
+  path = pathlib.Path(model)
+  if path.suffix == ".gguf":
+    return load_gguf(path, dtype, param_dtype)
+  if path.is_dir():
+    return load_hf(path, dtype, param_dtype)
+  raise WeightsError(f"--model={model!r} is neither {resources.SMOLLM2_NAME!r}, a .gguf file, "
+                     "nor an HF checkpoint folder (config.json + *.safetensors)")
