@@ -52,16 +52,23 @@ def record(tokens_BM, num_new_B, new_B, active_B):
   return tokens_BM.at[rows, col].set(jnp.where(active_B, new_B, tokens_BM[rows, col]))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling"),
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "on_token"),
                    donate_argnames=("cache",))
 def generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, stop_ids_BS, key, *,
-             cfg: ModelConfig, max_new_tokens: int, sampling: SamplingConfig):
-  """Generates up to max_new_tokens per row. Returns (tokens [B, M], num_new [B], steps, cache)."""
+             cfg: ModelConfig, max_new_tokens: int, sampling: SamplingConfig, on_token=None):
+  """Generates up to max_new_tokens per row. Returns (tokens [B, M], num_new [B], steps, cache).
+
+  `on_token(tokens_B, active_B)`, if given, is called on the host for every
+  committed token (streaming). It is the only host round trip in the loop and
+  is off by default.
+  """
   b = prompt_BP.shape[0]
   logits, cache = prefill(params, cfg, cache, prompt_BP, prompt_lens_B)
   key, sub = jax.random.split(key)
   first = sample(sub, logits, sampling)
   tokens = jnp.full((b, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
+  if on_token is not None:
+    jax.debug.callback(on_token, first, jnp.ones((b,), bool), ordered=True)
   state = ArState(cache=cache, last=first, tokens=tokens, num_new=jnp.ones((b,), jnp.int32),
                   done=is_stop(first, stop_ids_BS) | (max_new_tokens <= 1), key=key,
                   steps=jnp.zeros((), jnp.int32))
@@ -75,6 +82,8 @@ def generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, stop_id
                                       advance=active.astype(jnp.int32))
     key, sub = jax.random.split(s.key)
     new = jnp.where(active, sample(sub, logits[:, 0], sampling), s.last)
+    if on_token is not None:
+      jax.debug.callback(on_token, new, active, ordered=True)
     num_new = s.num_new + active
     done = s.done | is_stop(new, stop_ids_BS) | (num_new >= max_new_tokens)
     return ArState(cache=cache, last=new, tokens=record(s.tokens, s.num_new, new, active),

@@ -52,20 +52,29 @@ class KVCache:
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, capacity: int) -> "KVCache":
+    capacity = -(-capacity // CACHE_CHUNK) * CACHE_CHUNK if capacity > CACHE_CHUNK else capacity
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
     return cls(k=jnp.zeros(shape, cfg.jnp_dtype), v=jnp.zeros(shape, cfg.jnp_dtype),
                lengths=jnp.zeros((batch,), jnp.int32))
 
   def write(self, k_new: jax.Array, v_new: jax.Array, first_layer: int = 0) -> "KVCache":
-    """Writes k/v_new [l, B, T, K, H] at each row's current length (lengths unchanged)."""
+    """Writes k/v_new [l, B, T, K, H] at each row's current length (lengths unchanged).
 
-    def row(buf, new, start):  # buf [L, K, C, H], new [l, T, K, H]
-      new = jnp.swapaxes(new, 1, 2).astype(buf.dtype)
-      return lax.dynamic_update_slice(buf, new, (first_layer, 0, start, 0))
+    One in-place dynamic_update_slice per row inside a fori_loop: a batched
+    scatter (vmap) would make XLA transpose and copy the whole cache per step.
+    """
+    k_new = jnp.swapaxes(k_new, 2, 3).astype(self.k.dtype)  # [l, B, K, T, H]
+    v_new = jnp.swapaxes(v_new, 2, 3).astype(self.v.dtype)
 
-    write_rows = jax.vmap(row, in_axes=(1, 1, 0), out_axes=1)
-    return self.replace(k=write_rows(self.k, k_new, self.lengths),
-                        v=write_rows(self.v, v_new, self.lengths))
+    def row(b, kv):
+      k, v = kv
+      start = (first_layer, b, 0, self.lengths[b], 0)
+      take = lambda a: lax.dynamic_slice_in_dim(a, b, 1, axis=1)
+      return (lax.dynamic_update_slice(k, take(k_new), start),
+              lax.dynamic_update_slice(v, take(v_new), start))
+
+    k, v = lax.fori_loop(0, self.lengths.shape[0], row, (self.k, self.v))
+    return self.replace(k=k, v=v)
 
 
 # ----------------------------------------------------------------------------
@@ -155,31 +164,69 @@ class Mlp(nn.Module):
     return dense(c.hidden_size, "down_proj")(h)
 
 
+CACHE_CHUNK = 128  # cache slots scored per step of the attention loop
+
+
+def _cache_attention(q, cache_k, cache_v, cache_len):
+  """Online-softmax attention of q [B,T,K,G,H] over a [B,K,C,H] cache.
+
+  Loops over CACHE_CHUNK-slot chunks only up to the longest row, so a step
+  reads the cache that is in use, not its whole capacity. Returns the running
+  max m [B,K,G,T], normaliser l [B,K,G,T] and unnormalised output [B,K,G,T,H].
+  """
+  b, t, kh, g, h = q.shape
+  capacity = cache_k.shape[2]
+  chunk = min(CACHE_CHUNK, capacity)
+  if capacity % chunk:
+    raise ValueError(f"cache capacity {capacity} must be a multiple of {chunk}")
+
+  def body(i, carry):
+    m, l, acc = carry
+    start = i * chunk
+    k = lax.dynamic_slice_in_dim(cache_k, start, chunk, axis=2)
+    v = lax.dynamic_slice_in_dim(cache_v, start, chunk, axis=2)
+    s = jnp.einsum("BTKGH,BKCH->BKGTC", q, k, preferred_element_type=jnp.float32)
+    valid = start + jnp.arange(chunk)[None, :] < cache_len[:, None]  # [B, C]
+    s = jnp.where(valid[:, None, None, None, :], s, _NEG_INF)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.exp(s - m_new[..., None])
+    corr = jnp.exp(m - m_new)
+    acc = acc * corr[..., None] + jnp.einsum("BKGTC,BKCH->BKGTH", p.astype(v.dtype), v,
+                                             preferred_element_type=jnp.float32)
+    return m_new, l * corr + p.sum(-1), acc
+
+  init = (jnp.full((b, kh, g, t), _NEG_INF, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
+          jnp.zeros((b, kh, g, t, h), jnp.float32))
+  num_chunks = (jnp.max(cache_len) + chunk - 1) // chunk
+  return lax.fori_loop(0, num_chunks, body, init)
+
+
 def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cache_k=None, cache_v=None, cache_len=None):
   """Softmax attention of T queries over the cache plus S new keys.
 
   cache_k/v: [B, K, C, H] for one layer; entries at index >= cache_len[b] are
-  masked. mask_BTS says which new keys each query sees. The cache and the new
-  keys share one softmax, but are never concatenated (no cache copy).
+  masked. mask_BTS says which new keys each query sees. Cache and new keys
+  share one softmax (merged online), and are never concatenated.
   """
   b, t, n, h = q_BTNH.shape
   kh = k_BSKH.shape[2]
   q = q_BTNH.reshape(b, t, kh, n // kh, h) * (h ** -0.5)
-  scores = [jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH, preferred_element_type=jnp.float32)]
-  masks = [mask_BTS[:, None, None]]
+  s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH, preferred_element_type=jnp.float32)
+  s = jnp.where(mask_BTS[:, None, None], s, _NEG_INF)
+  m = s.max(-1)
   if cache_k is not None:
-    scores.insert(0, jnp.einsum("BTKGH,BKCH->BKGTC", q, cache_k,
-                                preferred_element_type=jnp.float32))
-    valid = jnp.arange(cache_k.shape[2])[None, :] < cache_len[:, None]  # [B, C]
-    masks.insert(0, valid[:, None, None, None, :])
-  s = jnp.concatenate(scores, axis=-1)
-  s = jnp.where(jnp.concatenate([jnp.broadcast_to(m, x.shape) for m, x in zip(masks, scores)],
-                                axis=-1), s, _NEG_INF)
-  p = jax.nn.softmax(s, axis=-1).astype(v_BSKH.dtype)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", p[..., -k_BSKH.shape[1]:], v_BSKH)
+    m_c, l_c, acc_c = _cache_attention(q, cache_k, cache_v, cache_len)
+    m = jnp.maximum(m, m_c)
+  p = jnp.exp(s - m[..., None])
+  l = p.sum(-1)
+  out = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v_BSKH.dtype), v_BSKH,
+                   preferred_element_type=jnp.float32)
   if cache_k is not None:
-    out += jnp.einsum("BKGTC,BKCH->BTKGH", p[..., :cache_k.shape[2]], cache_v)
-  return out.reshape(b, t, n, h)
+    corr = jnp.exp(m_c - m)
+    l = l + l_c * corr
+    out = out + acc_c * corr[..., None]
+  out = out / l[..., None]
+  return jnp.einsum("BKGTH->BTKGH", out).reshape(b, t, n, h).astype(v_BSKH.dtype)
 
 
 class DecoderLayer(nn.Module):

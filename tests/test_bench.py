@@ -1,0 +1,140 @@
+"""`python -m flexdraft_jax.bench`: runs end to end on small settings; flag errors."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+from absl import app
+from absl import flags
+from absl.testing import flagsaver
+import pytest
+
+from flexdraft_jax import bench
+from flexdraft_jax import resources
+
+_ROW_KEYS = {"mode", "batch_size", "tokens_per_s", "ms_per_step", "compile_s", "new_tokens",
+             "hf_tokens_per_s", "hf_ms_per_step", "ratio_vs_hf", "matches_hf"}
+_HEADER_KEYS = {"machine", "versions", "backend", "dtype", "date", "command"}
+
+
+def _main(*argv: str) -> None:
+  """Runs `bench.main` as `python -m flexdraft_jax.bench *argv` would, flags restored after."""
+  with flagsaver.flagsaver():
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["bench", *argv])
+    bench.main(["bench"])
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+  path.write_text('{"prompt": "Say hi."}\n{"turns": ["What is 2+2?", "And 3+3?"]}\n'
+                  '{"prompt": "Name a color."}\n')
+  return path
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_folder(tmp_path_factory):
+  """A tiny random Llama saved as an HF folder, with SmolLM2's tokenizer."""
+  torch = pytest.importorskip("torch")
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  from flexdraft_jax import tokenizer as tokenizer_lib
+  folder = tmp_path_factory.mktemp("tiny_llama")
+  tok = tokenizer_lib.load_tokenizer(resources.SMOLLM2_NAME)
+  torch.manual_seed(0)
+  config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, initializer_range=0.2,
+                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+  LlamaForCausalLM(config).save_pretrained(folder)
+  tok.save_pretrained(folder)
+  return folder
+
+
+def _check_rows(rows, batch_sizes, max_new_tokens, num_prompts):
+  assert [r["batch_size"] for r in rows] == list(batch_sizes)
+  for r in rows:
+    assert _ROW_KEYS <= r.keys()
+    assert r["mode"] == "ar"
+    groups = num_prompts // r["batch_size"]
+    assert r["groups"] == groups
+    # --ignore_eos (default): every row generates exactly max_new_tokens.
+    assert r["new_tokens"] == groups * r["batch_size"] * max_new_tokens
+    assert r["steps"] == groups * (max_new_tokens - 1)
+    assert r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 and r["compile_s"] > 0
+    assert r["tokens_per_s"] == pytest.approx(r["new_tokens"] / r["wall_s"])
+    assert r["ms_per_step"] == pytest.approx(1e3 * r["wall_s"] / r["steps"])
+
+
+def test_bench_tiny_model_vs_hf(tmp_path, tiny_hf_folder, prompt_file):
+  """Tiny HF-folder model: our rows, the HF columns, token agreement and the profile."""
+  _main(f"--model={tiny_hf_folder}", f"--prompts={prompt_file}", "--num_prompts=2",
+        "--batch_sizes=1,2", "--max_new_tokens=4", "--repeats=1", "--compare_hf",
+        "--profile", "--profile_runs=3", f"--out_dir={tmp_path}")
+  result = json.loads((tmp_path / "ar_bench.json").read_text())
+  assert _HEADER_KEYS <= result["header"].keys()
+  assert result["header"]["dtype"] == "float32"
+  assert result["header"]["machine"]["cpu_count"] >= 1
+  rows = result["rows"]
+  _check_rows(rows, (1, 2), 4, 2)
+  for r in rows:
+    assert r["hf_new_tokens"] == r["new_tokens"]
+    assert r["hf_tokens_per_s"] > 0 and r["hf_ms_per_step"] > 0
+    assert r["ratio_vs_hf"] == pytest.approx(r["tokens_per_s"] / r["hf_tokens_per_s"])
+  b1 = rows[0]
+  assert (b1["matches_hf"], b1["matches_hf_of"]) == (2, 2)  # same greedy tokens as HF
+  profile = json.loads((tmp_path / "ar_profile.json").read_text())["profile"]
+  assert [p["batch_size"] for p in profile] == [1, 2]
+  for p in profile:
+    for key in ("full_step_ms", "nocache_step_ms", "layers_nocache_ms", "lm_head_argmax_ms"):
+      assert p[key] > 0
+    assert p["attention_over_cache_ms"] == pytest.approx(p["full_step_ms"] - p["nocache_step_ms"])
+
+
+def test_bench_smollm2_small(tmp_path, prompt_file):
+  """The real default model on small settings, no HF comparison."""
+  _main(f"--prompts={prompt_file}", "--num_prompts=2", "--batch_sizes=1,2",
+        "--max_new_tokens=4", "--compare_hf=false", "--repeats=1", f"--out_dir={tmp_path}")
+  result = json.loads((tmp_path / "ar_bench.json").read_text())
+  assert result["header"]["settings"]["model"] == resources.SMOLLM2_NAME
+  _check_rows(result["rows"], (1, 2), 4, 2)
+  assert all(r["hf_tokens_per_s"] is None and r["matches_hf"] is None for r in result["rows"])
+  assert not (tmp_path / "ar_profile.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--num_prompts=2", "--batch_sizes=1,4"), "smaller than the largest batch size 4"),
+    (("--modes=ar,warp",), "unknown --modes"),
+    (("--batch_sizes=1,x",), "comma list of integers"),
+    (("--batch_sizes=0",), "positive integers"),
+    (("--max_new_tokens=0",), "--max_new_tokens"),
+])
+def test_usage_errors(tmp_path, argv, message):
+  with pytest.raises(app.UsageError, match=message):
+    _main(*argv, "--compare_hf=false", f"--out_dir={tmp_path}")
+  assert not (tmp_path / "ar_bench.json").exists()
+
+
+def test_too_few_prompts_in_file(tmp_path, prompt_file):
+  with pytest.raises(app.UsageError, match="has only 3 prompts"):
+    _main(f"--prompts={prompt_file}", "--num_prompts=5", "--batch_sizes=1",
+          "--compare_hf=false", f"--out_dir={tmp_path}")
+
+
+def test_format_table():
+  row = {"mode": "ar", "batch_size": 8, "tokens_per_s": 12.5, "ms_per_step": 80.0,
+         "compile_s": 6.0, "new_tokens": 512, "hf_tokens_per_s": None, "hf_ms_per_step": None,
+         "ratio_vs_hf": None, "matches_hf": None, "matches_hf_of": None}
+  lines = bench.format_table([row]).splitlines()
+  assert lines[0].split()[:3] == ["mode", "batch", "tok/s"]
+  assert lines[2].split() == ["ar", "8", "12.5", "80.0", "6.0", "512", "-", "-", "-", "-"]
+
+
+def test_same_tokens_ignore_eos():
+  eos = [2]
+  assert bench.same_tokens([5, 6, 2, 9], [5, 6, 7, 8], eos, ignore_eos=True)
+  assert not bench.same_tokens([5, 6, 2, 9], [5, 7, 7, 8], eos, ignore_eos=True)
+  assert bench.same_tokens([5, 6], [5, 6], eos, ignore_eos=False)
+  assert not bench.same_tokens([5, 6, 2], [5, 6, 7], eos, ignore_eos=False)
