@@ -62,6 +62,9 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to time
 _COMPARE_HF = flags.DEFINE_bool(
     "compare_hf", True, "Also time HF transformers (torch, CPU) greedy `generate` on the same "
     "prompts, and check its tokens against ours. Skipped with a warning without torch.")
+_HF_THREADS = flags.DEFINE_integer(
+    "hf_num_threads", None, "torch intra-op threads for the HF reference; default: torch's own "
+    "(one per core). On a busy machine 1 can be much faster than the default.")
 _IGNORE_EOS = flags.DEFINE_bool(
     "ignore_eos", True, "Generate exactly --max_new_tokens per row on both sides (ours: no stop "
     "ids; HF: min_new_tokens=max_new_tokens), so both do the same work.")
@@ -88,6 +91,7 @@ class Options:
   modes: tuple[str, ...] = ("ar",)
   batch_sizes: tuple[int, ...] = (1, 8)
   compare_hf: bool = True
+  hf_num_threads: int | None = None  # None: torch's default
   ignore_eos: bool = True
   out_dir: str = "bench_out"
   profile: bool = False
@@ -213,11 +217,13 @@ MODES: dict[str, Runner] = {"ar": run_ar}
 class HfReference:
   """HF transformers' greedy `generate` on the same checkpoint, torch on CPU."""
 
-  def __init__(self, model: str, dtype: str):
+  def __init__(self, model: str, dtype: str, num_threads: int | None = None):
     import torch  # pylint: disable=g-import-not-at-top
     from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
 
     self.torch = torch
+    if num_threads:
+      torch.set_num_threads(num_threads)
     torch_dtype = getattr(torch, dtype)
     if model == resources.SMOLLM2_NAME or model.endswith(".gguf"):
       path = (resources.smollm2_gguf_path() if model == resources.SMOLLM2_NAME
@@ -387,6 +393,14 @@ def _versions() -> dict[str, str | None]:
   return out
 
 
+def _load_avg() -> list[float] | None:
+  """1/5/15-minute load averages: other work on the machine skews CPU timings."""
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
 def _cpu_model() -> str:
   try:
     for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -409,6 +423,7 @@ def header(opts: Options, cfg: ModelConfig) -> dict[str, Any]:
       "backend": jax.default_backend(),
       "devices": [str(d) for d in jax.devices()],
       "dtype": cfg.dtype,
+      "load_avg_start": _load_avg(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "command": shlex.join(getattr(sys, "orig_argv", [sys.executable] + sys.argv)),
       "settings": dataclasses.asdict(opts),
@@ -483,6 +498,8 @@ def validate(opts: Options) -> None:
                          f"size {max(opts.batch_sizes)}; each batch needs that many prompts")
   if opts.max_new_tokens < 1:
     raise app.UsageError(f"--max_new_tokens must be >= 1, got {opts.max_new_tokens}")
+  if opts.hf_num_threads is not None and opts.hf_num_threads < 1:
+    raise app.UsageError(f"--hf_num_threads must be >= 1, got {opts.hf_num_threads}")
   if opts.repeats < 1 or opts.profile_runs < 1:
     raise app.UsageError("--repeats and --profile_runs must be >= 1")
 
@@ -521,7 +538,7 @@ def run(opts: Options) -> dict[str, Any]:
       logging.warning("--compare_hf: torch is not installed; skipping the HF comparison")
     else:
       start = time.perf_counter()
-      hf_ref = HfReference(opts.model, cfg.dtype)
+      hf_ref = HfReference(opts.model, cfg.dtype, opts.hf_num_threads)
       logging.info("loaded the HF transformers reference in %.1f s (torch %s, %d threads)",
                    time.perf_counter() - start, hf_ref.version, hf_ref.num_threads)
 
@@ -540,6 +557,7 @@ def run(opts: Options) -> dict[str, Any]:
       hf = hf_ref.run(work, groups)
     for mode in opts.modes:
       result["rows"].append(make_row(mode, b, ours[mode], hf, work))
+  result["header"]["load_avg_end"] = _load_avg()
   (out_dir / "ar_bench.json").write_text(json.dumps(result, indent=2) + "\n")
   print(format_table(result["rows"]))
   logging.info("wrote %s", out_dir / "ar_bench.json")
@@ -553,7 +571,7 @@ def run(opts: Options) -> dict[str, Any]:
                     None)
       entry["generate_ms_per_step"] = ar_row["ms_per_step"] if ar_row else None
       entries.append(entry)
-    profile = {"header": result["header"], "profile": entries}
+    profile = {"header": dict(result["header"], load_avg_end=_load_avg()), "profile": entries}
     (out_dir / "ar_profile.json").write_text(json.dumps(profile, indent=2) + "\n")
     print(format_profile(entries))
     logging.info("wrote %s", out_dir / "ar_profile.json")
@@ -573,9 +591,9 @@ def options_from_flags() -> Options:
   return Options(
       model=_MODEL.value, dtype=None if _DTYPE.value == "auto" else _DTYPE.value,
       prompts=_PROMPTS.value, num_prompts=_NUM_PROMPTS.value, max_new_tokens=_MAX_NEW.value,
-      modes=tuple(m.strip() for m in _MODES.value), batch_sizes=_int_list("batch_sizes",
-                                                                           _BATCH_SIZES.value),
-      compare_hf=_COMPARE_HF.value, ignore_eos=_IGNORE_EOS.value, out_dir=_OUT_DIR.value,
+      modes=tuple(m.strip() for m in _MODES.value),
+      batch_sizes=_int_list("batch_sizes", _BATCH_SIZES.value), compare_hf=_COMPARE_HF.value,
+      hf_num_threads=_HF_THREADS.value, ignore_eos=_IGNORE_EOS.value, out_dir=_OUT_DIR.value,
       profile=_PROFILE.value, profile_runs=_PROFILE_RUNS.value, repeats=_REPEATS.value)
 
 

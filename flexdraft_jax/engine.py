@@ -47,8 +47,17 @@ class Completion:
 class Engine:
   """A loaded target model with its tokenizer, ready to generate."""
 
-  def __init__(self, model: str, dtype: str | None = None, chat_template: bool = True):
-    self.cfg, self.params = weights.load_model(model, dtype=dtype)
+  def __init__(self, model: str, dtype: str | None = None, chat_template: bool = True,
+               unroll_layers: bool | None = None):
+    """`unroll_layers` (default: on CPU) runs layers from per-layer param trees.
+
+    XLA:CPU copies each layer's weights out of the stacked [L, ...] arrays on
+    every scan step; unrolled decoding measured ~3x faster at batch 1 here.
+    """
+    self.cfg, params = weights.load_model(model, dtype=dtype)
+    if unroll_layers is None:
+      unroll_layers = jax.default_backend() == "cpu"
+    self.params = model_lib.unstack_layers(params) if unroll_layers else params
     self.tokenizer = tokenizer_lib.load_tokenizer(model)
     self.chat_template = chat_template and bool(self.tokenizer.chat_template)
     self.stop_ids = tokenizer_lib.stop_token_ids(self.tokenizer)

@@ -167,15 +167,15 @@ class Mlp(nn.Module):
 CACHE_CHUNK = 128  # cache slots scored per step of the attention loop
 
 
-def _cache_attention(q, cache_k, cache_v, cache_len):
-  """Online-softmax attention of q [B,T,K,G,H] over a [B,K,C,H] cache.
+def _cache_attention(q, cache: KVCache, layer):
+  """Online-softmax attention of q [B,T,K,G,H] over layer `layer` of the cache.
 
   Loops over CACHE_CHUNK-slot chunks only up to the longest row, so a step
   reads the cache that is in use, not its whole capacity. Returns the running
   max m [B,K,G,T], normaliser l [B,K,G,T] and unnormalised output [B,K,G,T,H].
   """
   b, t, kh, g, h = q.shape
-  capacity = cache_k.shape[2]
+  capacity = cache.capacity
   chunk = min(CACHE_CHUNK, capacity)
   if capacity % chunk:
     raise ValueError(f"cache capacity {capacity} must be a multiple of {chunk}")
@@ -183,10 +183,12 @@ def _cache_attention(q, cache_k, cache_v, cache_len):
   def body(i, carry):
     m, l, acc = carry
     start = i * chunk
-    k = lax.dynamic_slice_in_dim(cache_k, start, chunk, axis=2)
-    v = lax.dynamic_slice_in_dim(cache_v, start, chunk, axis=2)
+    # Slice the chunk out of the whole [L,B,K,C,H] buffer: slicing the layer
+    # first would materialise a copy of that layer's cache on every step.
+    take = lambda a: lax.dynamic_slice(a, (layer, 0, 0, start, 0), (1, b, kh, chunk, h))[0]
+    k, v = take(cache.k), take(cache.v)
     s = jnp.einsum("BTKGH,BKCH->BKGTC", q, k, preferred_element_type=jnp.float32)
-    valid = start + jnp.arange(chunk)[None, :] < cache_len[:, None]  # [B, C]
+    valid = start + jnp.arange(chunk)[None, :] < cache.lengths[:, None]  # [B, C]
     s = jnp.where(valid[:, None, None, None, :], s, _NEG_INF)
     m_new = jnp.maximum(m, s.max(-1))
     p = jnp.exp(s - m_new[..., None])
@@ -197,15 +199,15 @@ def _cache_attention(q, cache_k, cache_v, cache_len):
 
   init = (jnp.full((b, kh, g, t), _NEG_INF, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
           jnp.zeros((b, kh, g, t, h), jnp.float32))
-  num_chunks = (jnp.max(cache_len) + chunk - 1) // chunk
+  num_chunks = (jnp.max(cache.lengths) + chunk - 1) // chunk
   return lax.fori_loop(0, num_chunks, body, init)
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cache_k=None, cache_v=None, cache_len=None):
+def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cache: KVCache | None = None, layer=None):
   """Softmax attention of T queries over the cache plus S new keys.
 
-  cache_k/v: [B, K, C, H] for one layer; entries at index >= cache_len[b] are
-  masked. mask_BTS says which new keys each query sees. Cache and new keys
+  `cache` holds all layers; `layer` (int or traced) picks one. Entries at index
+  >= cache.lengths[b] are masked. mask_BTS says which new keys each query sees. Cache and new keys
   share one softmax (merged online), and are never concatenated.
   """
   b, t, n, h = q_BTNH.shape
@@ -214,14 +216,14 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cache_k=None, cache_v=None, cache_l
   s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH, preferred_element_type=jnp.float32)
   s = jnp.where(mask_BTS[:, None, None], s, _NEG_INF)
   m = s.max(-1)
-  if cache_k is not None:
-    m_c, l_c, acc_c = _cache_attention(q, cache_k, cache_v, cache_len)
+  if cache is not None:
+    m_c, l_c, acc_c = _cache_attention(q, cache, layer)
     m = jnp.maximum(m, m_c)
   p = jnp.exp(s - m[..., None])
   l = p.sum(-1)
   out = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v_BSKH.dtype), v_BSKH,
                    preferred_element_type=jnp.float32)
-  if cache_k is not None:
+  if cache is not None:
     corr = jnp.exp(m_c - m)
     l = l + l_c * corr
     out = out + acc_c * corr[..., None]
@@ -239,10 +241,10 @@ class DecoderLayer(nn.Module):
     self.post_norm = RMSNorm(c.rms_norm_eps, c.jnp_dtype, c.jnp_param_dtype)
     self.mlp = Mlp(c)
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS, cache_k=None, cache_v=None, cache_len=None):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, layer=None):
     """Returns the new residual stream and this layer's (k, v) of the T tokens."""
     q, k, v = self.attn.project(self.input_norm(x_BTD), positions_BT)
-    x = x_BTD + self.attn.output(attend(q, k, v, mask_BTS, cache_k, cache_v, cache_len))
+    x = x_BTD + self.attn.output(attend(q, k, v, mask_BTS, cache, layer))
     return x + self.mlp(self.post_norm(x)), (k, v)
 
   def finish(self, x_BTD, attn_BTNH, attn: Attention | None = None):
@@ -296,18 +298,36 @@ def layer_slice(layers: Params, index) -> Params:
   return jax.tree.map(lambda a: a[index], layers)
 
 
+def unstack_layers(params: Params) -> Params:
+  """Params whose `layers` is a tuple of per-layer trees (see `run_layers`)."""
+  layers = params["layers"]
+  if isinstance(layers, tuple):
+    return params
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return {**params, "layers": tuple(layer_slice(layers, i) for i in range(n))}
+
+
 def run_layers(cfg: ModelConfig, layers: Params, x_BTD, positions_BT, mask_BTS,
                cache: KVCache | None = None, first: int = 0, last: int | None = None):
-  """Runs layers [first, last) as clean tokens. Returns (x, (k, v)) with k/v [l,B,T,K,H]."""
+  """Runs layers [first, last) as clean tokens. Returns (x, (k, v)) with k/v [l,B,T,K,H].
+
+  `layers` is either stacked (leaves [L, ...]; a `lax.scan`, compile time flat
+  in depth) or a tuple of per-layer trees (`unstack_layers`; unrolled). On
+  XLA:CPU the scan materialises each layer's weights per step (a dynamic
+  slice feeding a dot), which the unrolled form avoids.
+  """
   last = cfg.num_layers if last is None else last
   layer = DecoderLayer(cfg)
+  if isinstance(layers, tuple):
+    x, ks, vs = x_BTD, [], []
+    for i in range(first, last):
+      x, (k, v) = layer.apply({"params": layers[i]}, x, positions_BT, mask_BTS, cache, i)
+      ks.append(k)
+      vs.append(v)
+    return x, (jnp.stack(ks), jnp.stack(vs))
 
   def body(x, i):
-    p = layer_slice(layers, i)
-    if cache is None:
-      return layer.apply({"params": p}, x, positions_BT, mask_BTS)
-    return layer.apply({"params": p}, x, positions_BT, mask_BTS, cache.k[i], cache.v[i],
-                       cache.lengths)
+    return layer.apply({"params": layer_slice(layers, i)}, x, positions_BT, mask_BTS, cache, i)
 
   return lax.scan(body, x_BTD, jnp.arange(first, last))
 

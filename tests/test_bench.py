@@ -77,6 +77,7 @@ def test_bench_tiny_model_vs_hf(tmp_path, tiny_hf_folder, prompt_file):
   assert _HEADER_KEYS <= result["header"].keys()
   assert result["header"]["dtype"] == "float32"
   assert result["header"]["machine"]["cpu_count"] >= 1
+  assert result["header"]["torch_num_threads"] >= 1
   rows = result["rows"]
   _check_rows(rows, (1, 2), 4, 2)
   for r in rows:
@@ -110,6 +111,7 @@ def test_bench_smollm2_small(tmp_path, prompt_file):
     (("--batch_sizes=1,x",), "comma list of integers"),
     (("--batch_sizes=0",), "positive integers"),
     (("--max_new_tokens=0",), "--max_new_tokens"),
+    (("--hf_num_threads=0",), "--hf_num_threads"),
 ])
 def test_usage_errors(tmp_path, argv, message):
   with pytest.raises(app.UsageError, match=message):
