@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexdraft_jax import gguf_file
 from flexdraft_jax import resources
 from flexdraft_jax.model_config import ModelConfig, RopeScaling, default_dtype
 
@@ -198,38 +199,34 @@ def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
       w.shape)
 
 
-def gguf_field(reader, key: str, default=None):
-  field = reader.fields.get(key)
-  return default if field is None else field.contents()
-
-
 def load_gguf(path: str | pathlib.Path, dtype: str, param_dtype: str):
-  import gguf
   path = pathlib.Path(path)
   if not path.is_file():
     raise WeightsError(f"GGUF file {path} does not exist")
-  reader = gguf.GGUFReader(path)
-  arch = gguf_field(reader, "general.architecture")
+  try:
+    f = gguf_file.read(path)
+  except ValueError as e:
+    raise WeightsError(str(e)) from None
+  meta = f.metadata
+  arch = meta.get("general.architecture")
   if arch not in GGUF_ARCHITECTURES:
     raise WeightsError(f"unsupported GGUF architecture {arch!r}; supported: "
                        f"{', '.join(GGUF_ARCHITECTURES)}")
-  tensors = {_hf_name(t.name): t for t in reader.tensors}
-  heads = gguf_field(reader, f"{arch}.attention.head_count")
-  d = gguf_field(reader, f"{arch}.embedding_length")
+  field = lambda key, default=None: meta.get(f"{arch}.{key}", default)
+  tensors = {_hf_name(name): t for name, t in f.tensors.items()}
+  heads, d = field("attention.head_count"), field("embedding_length")
   hf = {
       "architectures": ["LlamaForCausalLM"], "hidden_size": d,
-      "intermediate_size": gguf_field(reader, f"{arch}.feed_forward_length"),
-      "num_hidden_layers": gguf_field(reader, f"{arch}.block_count"),
-      "num_attention_heads": heads,
-      "num_key_value_heads": gguf_field(reader, f"{arch}.attention.head_count_kv", heads),
-      "head_dim": gguf_field(reader, f"{arch}.rope.dimension_count", d // heads),
-      "vocab_size": gguf_field(reader, f"{arch}.vocab_size",
-                               len(reader.fields["tokenizer.ggml.tokens"].data)),
-      "rope_theta": gguf_field(reader, f"{arch}.rope.freq_base", 10000.0),
-      "rms_norm_eps": gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
-      "max_position_embeddings": gguf_field(reader, f"{arch}.context_length", 8192),
+      "intermediate_size": field("feed_forward_length"),
+      "num_hidden_layers": field("block_count"), "num_attention_heads": heads,
+      "num_key_value_heads": field("attention.head_count_kv", heads),
+      "head_dim": field("rope.dimension_count", d // heads),
+      "vocab_size": field("vocab_size", len(meta.get("tokenizer.ggml.tokens", ()))),
+      "rope_theta": field("rope.freq_base", 10000.0),
+      "rms_norm_eps": field("attention.layer_norm_rms_epsilon", 1e-5),
+      "max_position_embeddings": field("context_length", 8192),
   }
-  if gguf_field(reader, f"{arch}.rope.scaling.type") not in (None, "none"):
+  if field("rope.scaling.type") not in (None, "none"):
     raise WeightsError("GGUF rope scaling is not supported")
   cfg = config_from_hf(hf, tie_embeddings="lm_head.weight" not in tensors, dtype=dtype,
                        param_dtype=param_dtype)
@@ -239,11 +236,10 @@ def load_gguf(path: str | pathlib.Path, dtype: str, param_dtype: str):
       raise WeightsError(f"tensor {name} is missing from {path}")
     t = tensors[name]
     try:
-      a = gguf.quants.dequantize(t.data, t.tensor_type)
+      a = t.dequantize()
     except (NotImplementedError, KeyError, ValueError) as e:
-      raise WeightsError(f"GGUF tensor {t.name} uses quant type {t.tensor_type.name}, which "
+      raise WeightsError(f"GGUF tensor {t.name} uses quant type {t.qtype.name}, which "
                          f"we cannot read ({e})") from None
-    a = np.asarray(a, np.float32).reshape(tuple(reversed([int(x) for x in t.shape])))
     if name.endswith(("q_proj.weight", "k_proj.weight")):
       a = _unpermute_rope(a, heads if "q_proj" in name else cfg.num_kv_heads)
     return a
