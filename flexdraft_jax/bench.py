@@ -53,6 +53,10 @@ _MODEL = flags.DEFINE_string(
     "`smollm2-135m-instruct` (bundled GGUF), a .gguf file, or an HF checkpoint folder.")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Compute/param dtype; auto = f32 on CPU, bf16 on accelerators.")
+_UNROLL = flags.DEFINE_bool(
+    "unroll_layers", None, "Run layers from per-layer param trees (as `Engine` does on CPU, "
+    "where XLA copies each layer's weights out of stacked arrays on every scan step); "
+    "default: on CPU only.")
 _PROMPTS = flags.DEFINE_string("prompts", "mtbench",
                                "mtbench, sharegpt-heldout, or a path to a .jsonl prompt file.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 8, "Prompts used (the first ones of the set).")
@@ -85,6 +89,7 @@ class Options:
   """The benchmark's settings (one field per flag)."""
   model: str = "smollm2-135m-instruct"
   dtype: str | None = None           # None: f32 on CPU, bf16 on accelerators
+  unroll_layers: bool | None = None  # None: on CPU only
   prompts: str = "mtbench"
   num_prompts: int = 8
   max_new_tokens: int = 64
@@ -521,7 +526,11 @@ def run(opts: Options) -> dict[str, Any]:
   start = time.perf_counter()
   tok = tokenizer_lib.load_tokenizer(opts.model)
   cfg, params = weights.load_model(opts.model, dtype=opts.dtype)
-  logging.info("loaded %s (%s) in %.1f s", opts.model, cfg.dtype, time.perf_counter() - start)
+  unroll = jax.default_backend() == "cpu" if opts.unroll_layers is None else opts.unroll_layers
+  if unroll:
+    params = model_lib.unstack_layers(params)
+  logging.info("loaded %s (%s, %s layers) in %.1f s", opts.model, cfg.dtype,
+               "unrolled" if unroll else "scanned", time.perf_counter() - start)
   eos_ids = tokenizer_lib.stop_token_ids(tok)
   prompt_ids = [tokenizer_lib.chat_prompt_ids(tok, t) for t in texts]
   logging.info("%d prompts from %s, %d..%d tokens", len(prompt_ids), opts.prompts,
@@ -543,6 +552,7 @@ def run(opts: Options) -> dict[str, Any]:
                    time.perf_counter() - start, hf_ref.version, hf_ref.num_threads)
 
   result = {"header": header(opts, cfg), "rows": []}
+  result["header"]["unroll_layers"] = unroll
   if hf_ref is not None:
     result["header"]["torch_num_threads"] = hf_ref.num_threads
   for b in opts.batch_sizes:
@@ -590,6 +600,7 @@ def _int_list(name: str, values: Sequence[str]) -> tuple[int, ...]:
 def options_from_flags() -> Options:
   return Options(
       model=_MODEL.value, dtype=None if _DTYPE.value == "auto" else _DTYPE.value,
+      unroll_layers=_UNROLL.value,
       prompts=_PROMPTS.value, num_prompts=_NUM_PROMPTS.value, max_new_tokens=_MAX_NEW.value,
       modes=tuple(m.strip() for m in _MODES.value),
       batch_sizes=_int_list("batch_sizes", _BATCH_SIZES.value), compare_hf=_COMPARE_HF.value,

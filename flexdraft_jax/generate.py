@@ -62,7 +62,10 @@ def generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, stop_id
   committed token (streaming). It is the only host round trip in the loop and
   is off by default.
   """
-  b = prompt_BP.shape[0]
+  b, width = prompt_BP.shape
+  if cache.capacity < width + max_new_tokens - 1:
+    raise ValueError(f"KV cache capacity {cache.capacity} is below the padded prompt width "
+                     f"{width} + max_new_tokens {max_new_tokens} - 1")
   logits, cache = prefill(params, cfg, cache, prompt_BP, prompt_lens_B)
   key, sub = jax.random.split(key)
   first = sample(sub, logits, sampling)

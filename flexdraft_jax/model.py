@@ -60,20 +60,17 @@ class KVCache:
   def write(self, k_new: jax.Array, v_new: jax.Array, first_layer: int = 0) -> "KVCache":
     """Writes k/v_new [l, B, T, K, H] at each row's current length (lengths unchanged).
 
-    One in-place dynamic_update_slice per row inside a fori_loop: a batched
-    scatter (vmap) would make XLA transpose and copy the whole cache per step.
+    One in-place dynamic_update_slice per row. A batched scatter (vmap) makes
+    XLA transpose and copy the whole cache per step, and a fori_loop over rows
+    makes it copy the cache into the loop; `tests/test_cache_copies.py` checks.
     """
     k_new = jnp.swapaxes(k_new, 2, 3).astype(self.k.dtype)  # [l, B, K, T, H]
     v_new = jnp.swapaxes(v_new, 2, 3).astype(self.v.dtype)
-
-    def row(b, kv):
-      k, v = kv
+    k, v = self.k, self.v
+    for b in range(self.lengths.shape[0]):
       start = (first_layer, b, 0, self.lengths[b], 0)
-      take = lambda a: lax.dynamic_slice_in_dim(a, b, 1, axis=1)
-      return (lax.dynamic_update_slice(k, take(k_new), start),
-              lax.dynamic_update_slice(v, take(v_new), start))
-
-    k, v = lax.fori_loop(0, self.lengths.shape[0], row, (self.k, self.v))
+      k = lax.dynamic_update_slice(k, k_new[:, b:b + 1], start)
+      v = lax.dynamic_update_slice(v, v_new[:, b:b + 1], start)
     return self.replace(k=k, v=v)
 
 

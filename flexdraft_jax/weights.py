@@ -55,8 +55,11 @@ def config_from_hf(hf: dict, tie_embeddings: bool, dtype: str, param_dtype: str)
   for flag in ("mlp_bias", "use_sliding_window"):
     if hf.get(flag):
       raise WeightsError(f"unsupported config option {flag}=true for {archs[0]}")
-  if family == "llama" and hf.get("attention_bias"):
-    raise WeightsError("unsupported config option attention_bias=true for LlamaForCausalLM")
+  if family != "qwen2" and hf.get("attention_bias"):
+    raise WeightsError(f"unsupported config option attention_bias=true for {archs[0]}")
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise WeightsError(f"unsupported activation hidden_act={act!r} (supported: silu)")
   theta, scaling = _rope_from_hf(hf)
   heads = hf["num_attention_heads"]
   return ModelConfig(
@@ -155,8 +158,11 @@ def load_hf(folder: str | pathlib.Path, dtype: str, param_dtype: str):
     raise WeightsError(f"{folder} is not an HF checkpoint folder: config.json is missing")
   hf = json.loads(cfg_path.read_text())
   files = _safetensors_index(folder)
-  cfg = config_from_hf(hf, tie_embeddings="lm_head.weight" not in files, dtype=dtype,
-                       param_dtype=param_dtype)
+  tied = "lm_head.weight" not in files
+  if tied and hf.get("tie_word_embeddings") is False:
+    raise WeightsError(f"config.json in {folder} says tie_word_embeddings=false, but the "
+                       "checkpoint has no lm_head.weight")
+  cfg = config_from_hf(hf, tie_embeddings=tied, dtype=dtype, param_dtype=param_dtype)
   handles = {}
 
   def get(name):
@@ -165,7 +171,7 @@ def load_hf(folder: str | pathlib.Path, dtype: str, param_dtype: str):
     path = files[name]
     if path not in handles:
       handles[path] = safe_open(path, framework="flax")  # flax: reads bf16 too
-    return np.asarray(handles[path].get_tensor(name).astype(jnp.float32))
+    return np.asarray(handles[path].get_tensor(name))  # convert() checks dtype, then casts
 
   return cfg, convert(cfg, get)
 
@@ -189,8 +195,11 @@ def _hf_name(gguf_name: str) -> str:
     return "model.norm." + kind
   if base == "output":
     return "lm_head." + kind
-  _, i, part = base.split(".", 2)
-  return f"model.layers.{i}.{_GGUF_NAMES.get(part, part)}.{kind}"
+  parts = base.split(".", 2)
+  if len(parts) != 3 or parts[0] != "blk" or parts[2] not in _GGUF_NAMES:
+    hint = " (Llama-3 GGUF rope scaling is not supported)" if base == "rope_freqs" else ""
+    raise WeightsError(f"unsupported GGUF tensor {gguf_name!r}{hint}")
+  return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{kind}"
 
 
 def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:

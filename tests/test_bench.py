@@ -7,6 +7,7 @@ import pathlib
 from absl import app
 from absl import flags
 from absl.testing import flagsaver
+import jax
 import pytest
 
 from flexdraft_jax import bench
@@ -78,6 +79,7 @@ def test_bench_tiny_model_vs_hf(tmp_path, tiny_hf_folder, prompt_file):
   assert result["header"]["dtype"] == "float32"
   assert result["header"]["machine"]["cpu_count"] >= 1
   assert result["header"]["torch_num_threads"] >= 1
+  assert result["header"]["unroll_layers"] == (jax.default_backend() == "cpu")  # the default
   rows = result["rows"]
   _check_rows(rows, (1, 2), 4, 2)
   for r in rows:
@@ -95,11 +97,17 @@ def test_bench_tiny_model_vs_hf(tmp_path, tiny_hf_folder, prompt_file):
 
 
 def test_bench_smollm2_small(tmp_path, prompt_file):
-  """The real default model on small settings, no HF comparison."""
+  """The real default model on small settings, no HF comparison.
+
+  Scanned layers (the tiny-model test covers the unrolled CPU default): they
+  compile in a few seconds whatever the depth.
+  """
   _main(f"--prompts={prompt_file}", "--num_prompts=2", "--batch_sizes=1,2",
-        "--max_new_tokens=4", "--compare_hf=false", "--repeats=1", f"--out_dir={tmp_path}")
+        "--max_new_tokens=4", "--compare_hf=false", "--repeats=1", "--unroll_layers=false",
+        f"--out_dir={tmp_path}")
   result = json.loads((tmp_path / "ar_bench.json").read_text())
   assert result["header"]["settings"]["model"] == resources.SMOLLM2_NAME
+  assert result["header"]["unroll_layers"] is False
   _check_rows(result["rows"], (1, 2), 4, 2)
   assert all(r["hf_tokens_per_s"] is None and r["matches_hf"] is None for r in result["rows"])
   assert not (tmp_path / "ar_profile.json").exists()

@@ -42,7 +42,8 @@ VARIANTS = {
                              rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64))),
     "qwen2": ("Qwen2ForCausalLM", dict(rope_parameters=_DEFAULT_ROPE, tie_word_embeddings=False),
               dict(family="qwen2", qkv_bias=True)),
-    "qwen3-tied": ("Qwen3ForCausalLM", dict(rope_parameters=_DEFAULT_ROPE, tie_word_embeddings=True),
+    "qwen3-tied": ("Qwen3ForCausalLM",
+                   dict(rope_parameters=_DEFAULT_ROPE, tie_word_embeddings=True),
                    dict(family="qwen3", tie_embeddings=True, qk_norm=True)),
 }
 
@@ -234,7 +235,8 @@ def test_ragged_incremental_decode_equals_full_forward(tiny_model, family):
   assert ref.std() > 0.3
   lens = np.array([4, 2])
   cache = model_lib.KVCache.zeros(cfg, 2, CAPACITY)
-  assert cache.capacity == CAPACITY and cache.k.shape == (2, 2, 2, CAPACITY, 16)
+  assert cache.capacity >= CAPACITY  # KVCache.zeros may round it up
+  assert cache.k.shape == cache.v.shape == (2, 2, 2, cache.capacity, 16)  # [L, B, K, C, H]
   np.testing.assert_array_equal(cache.lengths, [0, 0])
   # Row 1's tokens 2, 3 are written but not counted: stale entries that must be masked.
   logits, cache = cached(params, cfg, tokens[:, :4], cache, advance=lens)

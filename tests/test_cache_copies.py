@@ -1,0 +1,57 @@
+"""The compiled AR loop must not copy the KV cache per step (HLO inspection)."""
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from flexdraft_jax import generate, model
+from flexdraft_jax.model_config import ModelConfig
+from flexdraft_jax.sampling import SamplingConfig
+
+CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                  num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8)
+
+
+def _compiled_hlo(batch: int, capacity: int, unroll: bool) -> tuple[str, str]:
+  params = jax.eval_shape(lambda: model.init_params(CFG, jax.random.key(0)))
+  if unroll:
+    params = jax.eval_shape(model.unstack_layers, params)
+  cache = jax.eval_shape(lambda: model.KVCache.zeros(CFG, batch, capacity))
+  i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+  text = generate.generate.lower(params, cache, i32(batch, 16), i32(batch), i32(batch, 1),
+                                 jax.random.key(0), cfg=CFG, max_new_tokens=8,
+                                 sampling=SamplingConfig()).compile().as_text()
+  dims = ",".join(str(d) for d in cache.k.shape)
+  return text, dims
+
+
+# Known cost of the unrolled (CPU) path: XLA copies the cache once for the
+# per-layer chunk loops and once for the in-place write, per k and v buffer.
+_ALLOWED_COPIES = {False: 0, True: 4}
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+def test_cache_sized_buffers_are_not_copied(unroll):
+  text, dims = _compiled_hlo(batch=3, capacity=256, unroll=unroll)
+  # Any instruction that produces a whole-cache array, other than parameters,
+  # loop plumbing and the in-place dynamic-update-slice, is a copy.
+  allowed = ("parameter(", "get-tuple-element(", "tuple(", "dynamic-update-slice(", "while(",
+             "bitcast(", "fusion(", "broadcast(", "call(", "conditional(", "constant(")
+  offenders = []
+  for line in text.splitlines():
+    m = re.match(rf"\s*(ROOT )?%\S+ = f32\[{dims}\]\S* (\S+)", line)
+    if m and not m.group(2).startswith(allowed):
+      offenders.append(line.strip()[:160])
+  assert len(offenders) <= _ALLOWED_COPIES[unroll], "\n".join(offenders)
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+def test_no_fusion_rewrites_the_whole_cache(unroll):
+  # A fusion whose result is cache-sized and which is not an in-place update
+  # (e.g. transpose + scatter, the naive vmap write) copies the cache.
+  text, dims = _compiled_hlo(batch=3, capacity=256, unroll=unroll)
+  for name, body in re.findall(r"\n(%\S+) \(([^\n]*)\) -> f32\[" + dims + r"\]", text):
+    comp = text[text.index(name + " ("):]
+    comp = comp[:comp.index("\n}")]
+    assert "dynamic-update-slice" in comp or "dynamic_update_slice" in comp, comp[:600]
