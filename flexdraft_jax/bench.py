@@ -286,6 +286,14 @@ def _first_stop(tokens: list[int], eos_ids: Sequence[int]) -> int:
   return next((i for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
 
 
+def compared_length(ours: list[int], hf: list[int], eos_ids: Sequence[int],
+                    ignore_eos: bool) -> int:
+  """How many leading tokens `same_tokens` compares."""
+  if ignore_eos:
+    return min(_first_stop(ours, eos_ids), _first_stop(hf, eos_ids))
+  return max(len(ours), len(hf))
+
+
 def same_tokens(ours: list[int], hf: list[int], eos_ids: Sequence[int], ignore_eos: bool) -> bool:
   """Whether two greedy continuations agree.
 
@@ -293,7 +301,7 @@ def same_tokens(ours: list[int], hf: list[int], eos_ids: Sequence[int], ignore_e
   emit it and go on, so only the tokens before the first EOS are compared.
   """
   if ignore_eos:
-    n = min(_first_stop(ours, eos_ids), _first_stop(hf, eos_ids))
+    n = compared_length(ours, hf, eos_ids, ignore_eos)
     return ours[:n] == hf[:n]
   return ours == hf
 
@@ -449,7 +457,8 @@ def make_row(mode: str, b: int, ours: ModeResult, hf: ModeResult | None,
          "ms_per_step": ours.ms_per_step, "compile_s": ours.compile_s,
          "new_tokens": ours.new_tokens, "steps": ours.steps, "wall_s": ours.wall_s,
          "groups": len(ours.groups), "hf_tokens_per_s": None, "hf_ms_per_step": None,
-         "hf_new_tokens": None, "ratio_vs_hf": None, "matches_hf": None, "matches_hf_of": None}
+         "hf_new_tokens": None, "ratio_vs_hf": None, "matches_hf": None, "matches_hf_of": None,
+         "matches_hf_tokens": None}
   row.update(ours.extra)
   if hf is not None:
     ours_rows = [t for g in ours.groups for t in g.tokens]
@@ -459,7 +468,9 @@ def make_row(mode: str, b: int, ours: ModeResult, hf: ModeResult | None,
                ratio_vs_hf=ours.tokens_per_s / hf.tokens_per_s if hf.tokens_per_s else None,
                matches_hf=sum(same_tokens(o, h, work.eos_ids, work.ignore_eos)
                               for o, h in zip(ours_rows, hf_rows)),
-               matches_hf_of=len(ours_rows))
+               matches_hf_of=len(ours_rows),
+               matches_hf_tokens=sum(compared_length(o, h, work.eos_ids, work.ignore_eos)
+                                     for o, h in zip(ours_rows, hf_rows)))
   return row
 
 

@@ -88,6 +88,7 @@ def test_bench_tiny_model_vs_hf(tmp_path, tiny_hf_folder, prompt_file):
     assert r["ratio_vs_hf"] == pytest.approx(r["tokens_per_s"] / r["hf_tokens_per_s"])
   b1 = rows[0]
   assert (b1["matches_hf"], b1["matches_hf_of"]) == (2, 2)  # same greedy tokens as HF
+  assert 0 < b1["matches_hf_tokens"] <= 2 * 4
   profile = json.loads((tmp_path / "ar_profile.json").read_text())["profile"]
   assert [p["batch_size"] for p in profile] == [1, 2]
   for p in profile:
@@ -148,3 +149,5 @@ def test_same_tokens_ignore_eos():
   assert not bench.same_tokens([5, 6, 2, 9], [5, 7, 7, 8], eos, ignore_eos=True)
   assert bench.same_tokens([5, 6], [5, 6], eos, ignore_eos=False)
   assert not bench.same_tokens([5, 6, 2], [5, 6, 7], eos, ignore_eos=False)
+  assert bench.compared_length([5, 6, 2, 9], [5, 6, 7, 8], eos, ignore_eos=True) == 2
+  assert bench.compared_length([5, 6, 7], [5, 6, 7], eos, ignore_eos=True) == 3
