@@ -137,6 +137,3 @@ class StreamPrinter:
       self.out.write(text[self.printed:])
       self.out.flush()
       self.printed = len(text)
-
-  def reset(self):
-    self.ids, self.printed = [], 0

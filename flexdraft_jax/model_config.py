@@ -57,9 +57,6 @@ class ModelConfig:
   def jnp_param_dtype(self) -> Any:
     return jnp.dtype(self.param_dtype)
 
-  def with_dtypes(self, dtype: str, param_dtype: str | None = None) -> "ModelConfig":
-    return dataclasses.replace(self, dtype=dtype, param_dtype=param_dtype or dtype)
-
 
 def default_dtype() -> str:
   """f32 on CPU, bf16 on accelerators (the dtype policy)."""
