@@ -186,8 +186,9 @@ def run_ar(work: Workload, groups: Groups) -> ModeResult:
     if (b, width) not in compiled:
       cache = model_lib.KVCache.zeros(work.cfg, b, width + m)
       start = time.perf_counter()
-      exe = generate_lib.generate.lower(work.params, cache, *args, cfg=work.cfg,
-                                        max_new_tokens=m, sampling=SamplingConfig()).compile()
+      exe = generate_lib.compile_generate(work.params, work.cfg, b, width, cache.capacity,
+                                          len(work.stop_ids), max_new_tokens=m,
+                                          sampling=SamplingConfig())
       took = time.perf_counter() - start
       result.compile_s += took
       start = time.perf_counter()
@@ -537,9 +538,8 @@ def run(opts: Options) -> dict[str, Any]:
   start = time.perf_counter()
   tok = tokenizer_lib.load_tokenizer(opts.model)
   cfg, params = weights.load_model(opts.model, dtype=opts.dtype)
-  unroll = jax.default_backend() == "cpu" if opts.unroll_layers is None else opts.unroll_layers
-  if unroll:
-    params = model_lib.unstack_layers(params)
+  params = model_lib.decoding_params(params, opts.unroll_layers)
+  unroll = isinstance(params["layers"], tuple)
   logging.info("loaded %s (%s, %s layers) in %.1f s", opts.model, cfg.dtype,
                "unrolled" if unroll else "scanned", time.perf_counter() - start)
   eos_ids = tokenizer_lib.stop_token_ids(tok)

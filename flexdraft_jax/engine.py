@@ -12,7 +12,6 @@ import time
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flexdraft_jax import generate as generate_lib
@@ -55,9 +54,7 @@ class Engine:
     every scan step; unrolled decoding measured ~3x faster at batch 1 here.
     """
     self.cfg, params = weights.load_model(model, dtype=dtype)
-    if unroll_layers is None:
-      unroll_layers = jax.default_backend() == "cpu"
-    self.params = model_lib.unstack_layers(params) if unroll_layers else params
+    self.params = model_lib.decoding_params(params, unroll_layers)
     self.tokenizer = tokenizer_lib.load_tokenizer(model)
     self.chat_template = chat_template and bool(self.tokenizer.chat_template)
     self.stop_ids = tokenizer_lib.stop_token_ids(self.tokenizer)
@@ -72,12 +69,9 @@ class Engine:
     key = (batch, width, capacity, max_new_tokens, sampling, on_token)
     if key not in self._compiled:
       start = time.perf_counter()
-      cache = jax.eval_shape(lambda: model_lib.KVCache.zeros(self.cfg, batch, capacity))
-      i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-      self._compiled[key] = generate_lib.generate.lower(
-          self.params, cache, i32(batch, width), i32(batch), i32(batch, len(self.stop_ids)),
-          jax.random.key(0), cfg=self.cfg, max_new_tokens=max_new_tokens, sampling=sampling,
-          on_token=on_token).compile()
+      self._compiled[key] = generate_lib.compile_generate(
+          self.params, self.cfg, batch, width, capacity, len(self.stop_ids),
+          max_new_tokens=max_new_tokens, sampling=sampling, on_token=on_token)
       stats.compile_s += time.perf_counter() - start
     return self._compiled[key]
 

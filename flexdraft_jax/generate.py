@@ -96,6 +96,20 @@ def generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, stop_id
   return state.tokens, state.num_new, state.steps, state.cache
 
 
+def compile_generate(params, cfg: ModelConfig, batch: int, width: int, capacity: int,
+                     num_stop_ids: int, *, max_new_tokens: int, sampling: SamplingConfig,
+                     on_token=None):
+  """Ahead-of-time compiled `generate` for one shape bucket (nothing is allocated).
+
+  Call it as `exe(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key)`.
+  """
+  cache = jax.eval_shape(lambda: model_lib.KVCache.zeros(cfg, batch, capacity))
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  return generate.lower(params, cache, i32(batch, width), i32(batch), i32(batch, num_stop_ids),
+                        jax.random.key(0), cfg=cfg, max_new_tokens=max_new_tokens,
+                        sampling=sampling, on_token=on_token).compile()
+
+
 def pad_prompts(prompts: list[list[int]], bucket: int = 64, pad_id: int = 0):
   """Right-pads token lists to a multiple of `bucket`: (prompt_BP, lens_B) numpy."""
   if not prompts or any(len(p) == 0 for p in prompts):

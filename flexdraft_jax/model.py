@@ -57,7 +57,7 @@ class KVCache:
     return cls(k=jnp.zeros(shape, cfg.jnp_dtype), v=jnp.zeros(shape, cfg.jnp_dtype),
                lengths=jnp.zeros((batch,), jnp.int32))
 
-  def write(self, k_new: jax.Array, v_new: jax.Array, first_layer: int = 0) -> "KVCache":
+  def write(self, k_new: jax.Array, v_new: jax.Array) -> "KVCache":
     """Writes k/v_new [l, B, T, K, H] at each row's current length (lengths unchanged).
 
     One in-place dynamic_update_slice per row. A batched scatter (vmap) makes
@@ -68,7 +68,7 @@ class KVCache:
     v_new = jnp.swapaxes(v_new, 2, 3).astype(self.v.dtype)
     k, v = self.k, self.v
     for b in range(self.lengths.shape[0]):
-      start = (first_layer, b, 0, self.lengths[b], 0)
+      start = (0, b, 0, self.lengths[b], 0)
       k = lax.dynamic_update_slice(k, k_new[:, b:b + 1], start)
       v = lax.dynamic_update_slice(v, v_new[:, b:b + 1], start)
     return self.replace(k=k, v=v)
@@ -302,6 +302,13 @@ def unstack_layers(params: Params) -> Params:
     return params
   n = jax.tree.leaves(layers)[0].shape[0]
   return {**params, "layers": tuple(layer_slice(layers, i) for i in range(n))}
+
+
+def decoding_params(params: Params, unroll_layers: bool | None = None) -> Params:
+  """Params laid out for decoding: unstacked on CPU by default (see `run_layers`)."""
+  if unroll_layers is None:
+    unroll_layers = jax.default_backend() == "cpu"
+  return unstack_layers(params) if unroll_layers else params
 
 
 def run_layers(cfg: ModelConfig, layers: Params, x_BTD, positions_BT, mask_BTS,

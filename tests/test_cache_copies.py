@@ -2,7 +2,6 @@
 import re
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from flexdraft_jax import generate, model
@@ -18,10 +17,8 @@ def _compiled_hlo(batch: int, capacity: int, unroll: bool) -> tuple[str, str]:
   if unroll:
     params = jax.eval_shape(model.unstack_layers, params)
   cache = jax.eval_shape(lambda: model.KVCache.zeros(CFG, batch, capacity))
-  i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
-  text = generate.generate.lower(params, cache, i32(batch, 16), i32(batch), i32(batch, 1),
-                                 jax.random.key(0), cfg=CFG, max_new_tokens=8,
-                                 sampling=SamplingConfig()).compile().as_text()
+  text = generate.compile_generate(params, CFG, batch, 16, capacity, 1, max_new_tokens=8,
+                                  sampling=SamplingConfig()).as_text()
   dims = ",".join(str(d) for d in cache.k.shape)
   return text, dims
 
