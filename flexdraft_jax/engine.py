@@ -47,15 +47,17 @@ class Engine:
   """A loaded target model with its tokenizer, ready to generate."""
 
   def __init__(self, model: str, dtype: str | None = None, chat_template: bool = True,
-               unroll_layers: bool | None = None):
+               unroll_layers: bool | None = None, *, target=None, tokenizer: str | None = None):
     """`unroll_layers` (default: on CPU) runs layers from per-layer param trees.
 
     XLA:CPU copies each layer's weights out of the stacked [L, ...] arrays on
     every scan step; unrolled decoding measured ~3x faster at batch 1 here.
+    `target=(cfg, params)` serves already loaded (or random) weights, with the
+    tokenizer of `tokenizer` (default: `model`'s).
     """
-    self.cfg, params = weights.load_model(model, dtype=dtype)
+    self.cfg, params = target if target is not None else weights.load_model(model, dtype=dtype)
     self.params = model_lib.decoding_params(params, unroll_layers)
-    self.tokenizer = tokenizer_lib.load_tokenizer(model)
+    self.tokenizer = tokenizer_lib.load_tokenizer(tokenizer or model)
     self.chat_template = chat_template and bool(self.tokenizer.chat_template)
     self.stop_ids = tokenizer_lib.stop_token_ids(self.tokenizer)
     self._compiled = {}

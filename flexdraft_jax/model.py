@@ -241,13 +241,15 @@ class DecoderLayer(nn.Module):
   def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, layer=None):
     """Returns the new residual stream and this layer's (k, v) of the T tokens."""
     q, k, v = self.attn.project(self.input_norm(x_BTD), positions_BT)
-    x = x_BTD + self.attn.output(attend(q, k, v, mask_BTS, cache, layer))
-    return x + self.mlp(self.post_norm(x)), (k, v)
+    return self.finish(x_BTD, attend(q, k, v, mask_BTS, cache, layer)), (k, v)
 
-  def finish(self, x_BTD, attn_BTNH, attn: Attention | None = None):
-    """Residual + MLP after attention; the drafter calls it with its own projectors."""
-    x = x_BTD + (attn or self.attn).output(attn_BTNH)
-    return x + self.mlp(self.post_norm(x))
+  def finish(self, x_BTD, attn_BTNH):
+    """Residual + MLP after attention (`__call__` = project, attend, finish)."""
+    return self.residual_mlp(x_BTD + self.attn.output(attn_BTNH))
+
+  def residual_mlp(self, x_BTD):
+    """The shared half of the layer: the drafter runs mask slots through it too."""
+    return x_BTD + self.mlp(self.post_norm(x_BTD))
 
 
 # ----------------------------------------------------------------------------
@@ -285,9 +287,9 @@ def final_hidden(params: Params, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Arra
 def lm_logits(params: Params, cfg: ModelConfig, h_BTD: jax.Array) -> jax.Array:
   """Logits in f32 from final-normed hidden states; tied or untied head."""
   if "lm_head" in params:
-    w, spec = params["lm_head"]["kernel"], "BTD,DV->BTV"
+    w, spec = params["lm_head"]["kernel"], "...D,DV->...V"
   else:
-    w, spec = params["embed"]["embedding"], "BTD,VD->BTV"
+    w, spec = params["embed"]["embedding"], "...D,VD->...V"
   return jnp.einsum(spec, h_BTD, w.astype(cfg.jnp_dtype), preferred_element_type=jnp.float32)
 
 

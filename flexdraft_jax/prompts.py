@@ -120,22 +120,40 @@ def sharegpt_conversations() -> list[dict]:
   return convs
 
 
+def _first_exchange(conv: dict) -> tuple[object, object]:
+  """The values of the first human turn and of the first gpt turn after it (None if absent)."""
+  turns = [m for m in conv["conversations"] if isinstance(m, dict)]
+  for i, turn in enumerate(turns):
+    if turn.get("from") == "human":
+      reply = next((m.get("value") for m in turns[i + 1:] if m.get("from") == "gpt"), None)
+      return turn.get("value"), reply
+  return None, None
+
+
 @functools.lru_cache(maxsize=1)
-def _sharegpt_splits() -> dict[str, tuple[str, ...]]:
-  """`{"train": ..., "heldout": ...}` first human turns, in file order."""
+def _sharegpt_splits() -> dict[str, tuple[tuple[str, str | None], ...]]:
+  """`{"train": ..., "heldout": ...}` (first human turn, first reply) pairs, in file order."""
   splits = {"train": [], "heldout": []}
   for conv in sharegpt_conversations():
-    prompt = next((m.get("value") for m in conv["conversations"]
-                   if isinstance(m, dict) and m.get("from") == "human"), None)
+    prompt, reply = _first_exchange(conv)
     if not isinstance(prompt, str) or not prompt.strip():
       continue
+    if not isinstance(reply, str) or not reply.strip():
+      reply = None
     # Long chats are stored in parts "<id>_0", "<id>_1", ...: keep parts together.
     cid = conv.get("id")
     key = cid.rsplit("_", 1)[0] if isinstance(cid, str) and cid else prompt
-    splits["heldout" if _is_heldout(key) else "train"].append(prompt)
-  heldout = set(splits["heldout"])  # the same text under another id stays out of train
-  return {"train": tuple(p for p in splits["train"] if p not in heldout),
+    splits["heldout" if _is_heldout(key) else "train"].append((prompt, reply))
+  heldout = {p for p, _ in splits["heldout"]}  # the same text under another id stays out of train
+  return {"train": tuple((p, r) for p, r in splits["train"] if p not in heldout),
           "heldout": tuple(splits["heldout"])}
+
+
+def sharegpt_pairs(split: str, limit: int | None = None) -> list[tuple[str, str | None]]:
+  """`(first human turn, first gpt reply after it or None)` pairs, as `sharegpt` splits them."""
+  if split not in ("train", "heldout"):
+    raise ValueError(f"ShareGPT split must be 'train' or 'heldout', got {split!r}")
+  return _limited(_sharegpt_splits()[split], limit)
 
 
 def sharegpt(split: str, limit: int | None = None) -> list[str]:
@@ -144,9 +162,7 @@ def sharegpt(split: str, limit: int | None = None) -> list[str]:
   The split is a stable hash of the conversation id, so it is the same in every
   process; no prompt text is in both splits.
   """
-  if split not in ("train", "heldout"):
-    raise ValueError(f"ShareGPT split must be 'train' or 'heldout', got {split!r}")
-  return _limited(_sharegpt_splits()[split], limit)
+  return [prompt for prompt, _ in sharegpt_pairs(split, limit)]
 
 
 # ----------------------------------------------------------------------------

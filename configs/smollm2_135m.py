@@ -1,0 +1,22 @@
+"""SmolLM2-135M-Instruct (30 layers, d=576): the drafter `make demo` ships.
+
+  python train.py --config=configs/smollm2_135m.py --workdir=runs/smollm2 --mode=generate
+  python train.py --config=configs/smollm2_135m.py --workdir=runs/smollm2
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = common.base_config()
+  c.model = "smollm2-135m-instruct"
+  c.drafter = ml_collections.ConfigDict(dict(num_draft_layers=6, block_size=16, calib_rank=256))
+  c.data.num_prompts = 4000
+  c.data.num_heldout_prompts = 64
+  c.seq_len = 512
+  c.batch_size = 4
+  c.anchors_per_seq = 16
+  c.optim.learning_rate = 5e-4
+  c.num_steps = 2000
+  return c

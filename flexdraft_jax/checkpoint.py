@@ -1,0 +1,330 @@
+"""Training checkpoints, preemption, and the standalone drafter artifact.
+
+Training checkpoints live in `workdir/checkpoints/<step>/` (an orbax
+CheckpointManager) with three items: `state` ({'step', 'draft', 'opt_state'};
+the frozen target is never saved), `data` (the grain iterator state) and
+`config` (the run config as JSON). Orbax writes each step to
+`<step>.orbax-checkpoint-tmp` and renames it when complete (on GCS it writes
+`commit_success.txt` instead), so an interrupted save is never listed as a step;
+a Checkpointer deletes leftover temporary dirs when it opens the workdir.
+
+The exported drafter is `drafter.safetensors` (params named by their '.'-joined
+paths) plus `drafter.json` (format, drafter config, and the target it was
+trained for: architecture facts and a weights fingerprint).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import threading
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import safetensors
+import safetensors.numpy
+
+# Config keys that may change when resuming a run (matched on the last
+# component of a nested key); any other change is a CheckpointError.
+RESUMABLE_KEYS = frozenset({"num_steps", "log_every", "save_every", "eval_every"})
+
+TARGET_FIELDS = ("family", "hidden_size", "num_layers", "vocab_size", "num_heads",
+                 "num_kv_heads", "head_dim")
+DRAFTER_FORMAT = "flexdraft-jax-drafter"
+DRAFTER_VERSION = 1
+WEIGHTS_FILE = "drafter.safetensors"
+META_FILE = "drafter.json"
+EXPORT_DTYPES = ("bfloat16", "float32")
+SAMPLE_SIZE = 4096  # most values hashed per target leaf
+
+
+class CheckpointError(ValueError):
+  """The checkpoints in the workdir cannot be used by this run; the message says why."""
+
+
+class DrafterMismatchError(ValueError):
+  """The exported drafter was trained for a different target model."""
+
+
+class DrafterFileError(ValueError):
+  """The exported drafter is missing, corrupt, or of an unknown format."""
+
+
+def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  """Nested dicts -> {key path: leaf}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, prefix + (key,)))
+    else:
+      flat[prefix + (key,)] = value
+  return flat
+
+
+def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+  tree = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+# ----------------------------------------------------------------------------
+# Training checkpoints
+# ----------------------------------------------------------------------------
+def _config_diff(old: dict, new: dict) -> list[str]:
+  """'key: old -> new' for every differing key not in RESUMABLE_KEYS (nested keys '.'-joined)."""
+  old, new = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
+  absent = "<absent>"
+  return [f"{'.'.join(key)}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}"
+          for key in sorted(old.keys() | new.keys())
+          if key[-1] not in RESUMABLE_KEYS and old.get(key, absent) != new.get(key, absent)]
+
+
+class Checkpointer:
+  """Saves and restores the train state, data iterator and config under `workdir/checkpoints`.
+
+  Opening a workdir whose latest checkpoint has a different config (outside
+  RESUMABLE_KEYS) raises CheckpointError. Interval saves are asynchronous (the
+  next save waits for the previous one); forced saves, `latest_step`, `restore`
+  and `close` wait until every started save is finalized.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, config: dict, save_interval_steps: int,
+               max_to_keep: int | None = 3):
+    self.config = json.loads(json.dumps(config))
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        create=True, cleanup_tmp_directories=True,
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(save_interval_steps),
+            policies.PreemptionCheckpointingPolicy()]),
+        preservation_policy=policies.LatestN(max_to_keep))
+    self._manager = ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints", options=options)
+    try:
+      self._check_config()
+    except Exception:
+      self.close()
+      raise
+
+  @property
+  def directory(self) -> pathlib.Path:
+    return pathlib.Path(self._manager.directory)
+
+  def _check_config(self):
+    step = self._manager.latest_step()
+    if step is None:
+      return
+    saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    diffs = _config_diff(saved["config"], self.config)
+    if diffs:
+      raise CheckpointError(
+          f"the checkpoints in {self.directory} were made with a different config (step "
+          f"{step}); these keys must not change on resume:\n  " + "\n  ".join(diffs) +
+          f"\nUse a new workdir, or restore those values (keys that may change: "
+          f"{', '.join(sorted(RESUMABLE_KEYS))}).")
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or None."""
+    self._manager.wait_until_finished()
+    return self._manager.latest_step()
+
+  def maybe_save(self, step: int, state: dict, data_iter: grain.DatasetIterator | None = None,
+                 force: bool = False) -> bool:
+    """Saves when `step` is a multiple of the interval, or any new step when `force`.
+
+    Returns whether a save started. A forced save (preemption, end of training)
+    returns once the checkpoint is complete on disk; forcing a step that is
+    already saved only waits for it.
+    """
+    if step in self._manager.all_steps():
+      saved = False
+    else:
+      items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(self.config)}
+      if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if force:
+      self._manager.wait_until_finished()
+    return saved
+
+  def restore(self, abstract_state: Any, data_iter: grain.DatasetIterator | None = None) -> Any:
+    """Restores the latest checkpoint's state, and `data_iter`'s position in place.
+
+    `abstract_state` gives the tree structure, dtypes and shardings: arrays or
+    `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`).
+    """
+    step = self.latest_step()
+    if step is None:
+      raise CheckpointError(f"no checkpoint to restore in {self.directory}")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def close(self):
+    self._manager.close()  # waits for outstanding saves
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+class SigtermFlag:
+  """Installs a SIGTERM handler that only sets a flag (nothing is saved inside it).
+
+  The train loop checks `is_set()` after each step; when set it forces a save
+  and exits. `uninstall()` (or leaving the `with` block) restores the previous
+  handler. Install from the main thread.
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._event.set())
+
+  def is_set(self) -> bool:
+    return self._event.is_set()
+
+  def uninstall(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+  def __enter__(self) -> SigtermFlag:
+    return self
+
+  def __exit__(self, *exc):
+    self.uninstall()
+
+
+# ----------------------------------------------------------------------------
+# Standalone drafter artifact
+# ----------------------------------------------------------------------------
+def _target_arch(target_config: dict) -> dict:
+  missing = [f for f in TARGET_FIELDS if f not in target_config]
+  if missing:
+    raise ValueError(f"target config lacks {', '.join(missing)}")
+  return {f: target_config[f] for f in TARGET_FIELDS}
+
+
+def _sample_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Per-axis strides that keep at most SAMPLE_SIZE elements (budget spread smallest axis first)."""
+  strides, budget = [1] * len(shape), SAMPLE_SIZE
+  for rank, axis in enumerate(sorted(range(len(shape)), key=lambda a: shape[a])):
+    count = max(1, min(shape[axis], int(budget ** (1 / (len(shape) - rank)))))
+    strides[axis] = max(1, -(-shape[axis] // count))
+    budget //= max(1, -(-shape[axis] // strides[axis]))
+  return tuple(strides)
+
+
+@jax.jit
+def _samples(leaves: list[jax.Array]) -> list[jax.Array]:
+  """Strided samples of each leaf, floats rounded to bf16 (f32 and bf16 copies agree).
+
+  Per-axis strided slices keep sharded leaves sharded: only the samples are gathered.
+  """
+  out = []
+  for x in leaves:
+    s = jax.lax.slice(x, (0,) * x.ndim, x.shape, _sample_strides(x.shape))
+    out.append(s.astype(jnp.float32).astype(jnp.bfloat16)
+               if jnp.issubdtype(s.dtype, jnp.floating) else s)
+  return out
+
+
+def target_fingerprint(target_cfg_dict: dict, target_params: Any) -> str:
+  """sha256 of the target's architecture facts and a strided sample of every weight.
+
+  Independent of the storage dtype (f32 or bf16) of the same weights.
+  """
+  h = hashlib.sha256(json.dumps(_target_arch(target_cfg_dict), sort_keys=True).encode())
+  flat = sorted(((jax.tree_util.keystr(path), leaf) for path, leaf
+                 in jax.tree_util.tree_flatten_with_path(target_params)[0]), key=lambda kv: kv[0])
+  for (name, leaf), sample in zip(flat, _samples([leaf for _, leaf in flat])):
+    h.update(f"{name}{tuple(leaf.shape)}".encode())
+    h.update(np.asarray(sample).tobytes())
+  return h.hexdigest()
+
+
+def _cast(x: Any, dtype: str | None) -> Any:
+  x = jnp.asarray(x)
+  return x.astype(dtype) if dtype and jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
+def _replace_into(path: pathlib.Path, write) -> None:
+  """Writes `path` via `write(tmp_path)` and an atomic rename."""
+  tmp = path.with_name(path.name + ".tmp")
+  write(tmp)
+  os.replace(tmp, path)
+
+
+def export_drafter(path_dir: str | os.PathLike, draft_params: dict, drafter_config: dict,
+                   target_config: dict, fingerprint: str,
+                   dtype: str = "bfloat16") -> pathlib.Path:
+  """Writes drafter.safetensors (floats cast to `dtype`), then drafter.json; returns the json path."""
+  if dtype not in EXPORT_DTYPES:
+    raise ValueError(f"dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
+  flat = _flatten(draft_params)
+  dotted = [".".join(path) for path in flat if any("." in key for key in path)]
+  if dotted:
+    raise ValueError(f"param names must not contain '.': {dotted}")
+  tensors = {".".join(path): np.asarray(_cast(x, dtype)) for path, x in flat.items()}
+  meta = {"format": DRAFTER_FORMAT, "version": DRAFTER_VERSION, "drafter": drafter_config,
+          "target": {**_target_arch(target_config), "fingerprint": fingerprint}, "dtype": dtype}
+  out = pathlib.Path(path_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  _replace_into(out / WEIGHTS_FILE, lambda tmp: safetensors.numpy.save_file(tensors, tmp))
+  _replace_into(out / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+  return out / META_FILE
+
+
+def _short(value: Any) -> str:
+  return f"{value[:16]}…" if isinstance(value, str) and len(value) > 16 else repr(value)
+
+
+def load_drafter(path_dir_or_json: str | os.PathLike, target_config: dict,
+                 fingerprint: str | None, dtype: str | None = None) -> tuple[dict, dict]:
+  """Loads an exported drafter for this target: (drafter config, nested params of jnp arrays).
+
+  Raises DrafterMismatchError naming every target field (and the fingerprint,
+  unless None) that differs, DrafterFileError for a missing or corrupt file.
+  Floats are cast to `dtype` when given.
+  """
+  path = pathlib.Path(path_dir_or_json)
+  meta_path = path if path.suffix == ".json" else path / META_FILE
+  try:
+    meta = json.loads(meta_path.read_text())
+  except FileNotFoundError:
+    raise DrafterFileError(f"{meta_path} does not exist: not an exported drafter") from None
+  except (OSError, ValueError) as e:
+    raise DrafterFileError(f"{meta_path} is corrupt: {e}") from None
+  if not isinstance(meta, dict) or meta.get("format") != DRAFTER_FORMAT:
+    raise DrafterFileError(f"{meta_path} is not a {DRAFTER_FORMAT} file")
+  if meta.get("version") != DRAFTER_VERSION:
+    raise DrafterFileError(f"{meta_path} has version {meta.get('version')!r}; this code reads "
+                           f"version {DRAFTER_VERSION}")
+  trained_for = meta.get("target", {})
+  expected = _target_arch(target_config)
+  if fingerprint is not None:
+    expected["fingerprint"] = fingerprint
+  diffs = [f"{key}={_short(trained_for.get(key))}, this target has {_short(value)}"
+           for key, value in expected.items() if trained_for.get(key) != value]
+  if diffs:
+    raise DrafterMismatchError(f"drafter {meta_path} was trained for another target: "
+                               + "; ".join(diffs))
+  weights_path = meta_path.parent / WEIGHTS_FILE
+  try:
+    with safetensors.safe_open(weights_path, framework="flax") as f:
+      flat = {tuple(name.split(".")): _cast(f.get_tensor(name), dtype) for name in f.keys()}
+  except FileNotFoundError:
+    raise DrafterFileError(f"{weights_path} does not exist (next to {meta_path.name})") from None
+  except safetensors.SafetensorError as e:
+    raise DrafterFileError(f"{weights_path} is corrupt: {e}") from None
+  return meta["drafter"], _unflatten(flat)

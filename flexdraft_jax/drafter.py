@@ -1,0 +1,304 @@
+"""The FlexDraft drafter on top of a frozen target (ALGORITHM.md §2).
+
+Params are one tree `{'target': <model.py params>, 'draft': <below>}`:
+  draft/mask                  [d]            the one learned mask-slot input
+  draft/layers/...            Attention params of layers s..L-1 (a stacked
+                              [K, ...] tree, or a tuple for unrolled decoding),
+                              initialised as copies of the target's
+  draft/calib/{w1,b1,w2,b2}   the bonus-guided calibration MLP
+                              ([2d, r], [r], [r, V], [V]); absent when r = 0
+
+Every token, clean or mask slot, is described by `Tokens` (position, anchor,
+block and segment), and one function, `visibility`, turns two descriptor sets
+into the boolean attention mask. Packed training rows, the parallel decode
+pass (verify + several groups of slots) and the sequential draft pass all use
+it, so there is one place where the rules of §2 live.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flexdraft_jax import model as model_lib
+from flexdraft_jax.model_config import ModelConfig
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterConfig:
+  num_draft_layers: int = 6  # K: layers s = L-K .. L-1 get draft projectors
+  block_size: int = 16       # B: mask slots per block
+  calib_rank: int = 256      # r of the calibration MLP; 0 turns calibration off
+
+  def split(self, cfg: ModelConfig) -> int:
+    return cfg.num_layers - self.num_draft_layers
+
+  def validate(self, cfg: ModelConfig) -> "DrafterConfig":
+    if not 1 <= self.num_draft_layers <= cfg.num_layers:
+      raise ValueError(f"num_draft_layers (K) must be in [1, {cfg.num_layers}] for a target "
+                       f"with {cfg.num_layers} layers, got {self.num_draft_layers}")
+    if self.block_size < 2:
+      raise ValueError(f"block_size must be at least 2, got {self.block_size}")
+    if self.calib_rank < 0:
+      raise ValueError(f"calib_rank must be >= 0, got {self.calib_rank}")
+    return self
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------
+# Visibility: one mask builder for every layout
+# ----------------------------------------------------------------------------
+@flax.struct.dataclass
+class Tokens:
+  """Descriptors of a set of tokens, all [B, T] int32.
+
+  Clean tokens have block = -1 and anchor = their own position. Mask slot j of
+  a block anchored at clean position a has position a+1+j, anchor a and the
+  block's id (>= 0). Segments separate packed sequences (decoding uses one).
+  """
+  pos: jax.Array
+  anchor: jax.Array
+  block: jax.Array
+  seg: jax.Array
+
+  @classmethod
+  def clean(cls, pos, seg=None):
+    seg = jnp.zeros_like(pos) if seg is None else seg
+    return cls(pos=pos, anchor=pos, block=jnp.full_like(pos, -1), seg=seg)
+
+  @classmethod
+  def slots(cls, anchor_BG, block_size: int, seg_BG=None):
+    """G blocks of `block_size` slots, block g anchored at anchor_BG[:, g] (ids 0..G-1)."""
+    b, g = anchor_BG.shape
+    j = jnp.arange(block_size, dtype=jnp.int32)
+    rep = lambda a: jnp.repeat(a, block_size, axis=1)
+    seg = jnp.zeros_like(anchor_BG) if seg_BG is None else seg_BG
+    return cls(pos=rep(anchor_BG) + jnp.tile(j + 1, g)[None], anchor=rep(anchor_BG),
+               block=jnp.broadcast_to(rep(jnp.arange(g, dtype=jnp.int32)[None]), (b, g * block_size)),
+               seg=rep(seg))
+
+  def concat(self, other: "Tokens") -> "Tokens":
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), self, other)
+
+
+def visibility(q: Tokens, k: Tokens) -> jax.Array:
+  """[B, Tq, Tk] mask of ALGORITHM.md §2 (cached keys are visible to everyone).
+
+  - same segment only;
+  - a clean key is seen by a query whose anchor is at or after it (for a
+    clean query that is plain causal attention);
+  - a slot key is seen only by the slots of its own block;
+  - so a clean query never sees a slot.
+  """
+  ex_q = lambda a: a[:, :, None]
+  ex_k = lambda a: a[:, None, :]
+  clean_key = ex_k(k.block) < 0
+  sees = jnp.where(clean_key, ex_k(k.pos) <= ex_q(q.anchor), ex_k(k.block) == ex_q(q.block))
+  return sees & (ex_q(q.seg) == ex_k(k.seg))
+
+
+# ----------------------------------------------------------------------------
+# Params
+# ----------------------------------------------------------------------------
+def init_draft(cfg: ModelConfig, dcfg: DrafterConfig, target: Params, rng: jax.Array) -> Params:
+  """Draft params: projector copies of layers s..L-1, a mask vector, the calibration MLP."""
+  dcfg.validate(cfg)
+  s = dcfg.split(cfg)
+  layers = target["layers"]
+  if isinstance(layers, tuple):
+    layers = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+  k_mask, k_w1 = jax.random.split(rng)
+  emb = target["embed"]["embedding"]
+  scale = jnp.sqrt(jnp.mean(jnp.square(emb.astype(jnp.float32))))
+  dt = jnp.float32  # trainable master weights stay f32; compute casts to cfg.dtype
+  draft = {
+      "mask": (jax.random.normal(k_mask, (cfg.hidden_size,)) * scale).astype(dt),
+      "layers": jax.tree.map(lambda a: a[s:].astype(dt), layers["attn"]),
+  }
+  if dcfg.calib_rank:
+    d, r = cfg.hidden_size, dcfg.calib_rank
+    draft["calib"] = {
+        "w1": (jax.random.normal(k_w1, (2 * d, r)) / jnp.sqrt(2 * d)).astype(dt),
+        "b1": jnp.zeros((r,), dt),
+        # Zero output layer: calibration starts as the identity on the logits.
+        "w2": jnp.zeros((r, cfg.vocab_size), dt),
+        "b2": jnp.zeros((cfg.vocab_size,), dt),
+    }
+  return draft
+
+
+def draft_shapes(cfg: ModelConfig, dcfg: DrafterConfig) -> Params:
+  """Shapes/dtypes of the draft tree, without allocating anything."""
+  target = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  return jax.eval_shape(lambda t: init_draft(cfg, dcfg, t, jax.random.key(0)), target)
+
+
+def decoding_draft(draft: Params, unroll: bool) -> Params:
+  """Draft params laid out like `model.decoding_params` lays out the target's."""
+  if not unroll or isinstance(draft["layers"], tuple):
+    return draft
+  k = jax.tree.leaves(draft["layers"])[0].shape[0]
+  return {**draft, "layers": tuple(model_lib.layer_slice(draft["layers"], i) for i in range(k))}
+
+
+# ----------------------------------------------------------------------------
+# Dual-attention layers s..L-1
+# ----------------------------------------------------------------------------
+def _dual_layer(cfg: ModelConfig, lp: Params, dp: Params, x_c, x_s, pos_c, pos_s, mask,
+                cache, layer, kv_c=None):
+  """One deep layer for clean tokens (target projectors) and slots (draft projectors).
+
+  x_c [B,T,d] may be None, with the clean keys/values given as kv_c (training:
+  one frozen clean pass supplies them). Queries are [clean; slots] and keys
+  [clean; slots] under `mask` [B, Tq, T+M]. Returns (x_c, x_s, (k_c, v_c)).
+  """
+  layer_mod, attn = model_lib.DecoderLayer(cfg), model_lib.Attention(cfg)
+  on_layer = lambda fn, *a: layer_mod.apply({"params": lp}, *a, method=fn)
+  t = 0 if x_c is None else x_c.shape[1]
+  x = x_s if x_c is None else jnp.concatenate([x_c, x_s], axis=1)
+  h = on_layer(lambda m, x: m.input_norm(x), x)
+  q_s, k_s, v_s = attn.apply({"params": dp}, h[:, t:], pos_s, method="project")
+  if x_c is None:
+    q, (k_c, v_c) = q_s, kv_c
+  else:
+    q_c, k_c, v_c = attn.apply({"params": lp["attn"]}, h[:, :t], pos_c, method="project")
+    q = jnp.concatenate([q_c, q_s], axis=1)
+  out = model_lib.attend(q, jnp.concatenate([k_c, k_s], axis=1),
+                         jnp.concatenate([v_c, v_s], axis=1), mask, cache, layer)
+  o_s = attn.apply({"params": dp}, out[:, t:], method="output")
+  if x_c is not None:
+    o_c = attn.apply({"params": lp["attn"]}, out[:, :t], method="output")
+    o_s = jnp.concatenate([o_c, o_s], axis=1)
+  x = on_layer(lambda m, x: m.residual_mlp(x), x + o_s)
+  return (None if x_c is None else x[:, :t]), x[:, t:], (k_c, v_c)
+
+
+def run_dual_layers(cfg: ModelConfig, dcfg: DrafterConfig, target_layers, draft_layers, x_c, x_s,
+                    pos_c, pos_s, mask, cache=None, kv_c=None):
+  """Runs layers s..L-1. Stacked params scan; tuples (decoding on CPU) unroll.
+
+  kv_c, when given instead of x_c, is [K, B, T, kv, H] per deep layer.
+  Returns (x_c, x_s, (k_c, v_c) stacked [K, B, T, kv, H]).
+  """
+  s = dcfg.split(cfg)
+  if isinstance(target_layers, tuple):
+    ks, vs = [], []
+    for i in range(s, cfg.num_layers):
+      kv = None if kv_c is None else (kv_c[0][i - s], kv_c[1][i - s])
+      x_c, x_s, (k, v) = _dual_layer(cfg, target_layers[i], draft_layers[i - s], x_c, x_s, pos_c,
+                                     pos_s, mask, cache, i, kv)
+      ks.append(k)
+      vs.append(v)
+    return x_c, x_s, (jnp.stack(ks), jnp.stack(vs))
+
+  def body(carry, xs):
+    x_c, x_s = carry
+    i, dp, kv = xs
+    x_c, x_s, kv = _dual_layer(cfg, model_lib.layer_slice(target_layers, i), dp, x_c, x_s, pos_c,
+                               pos_s, mask, cache, i, kv)
+    return (x_c, x_s), kv
+
+  (x_c, x_s), kv = lax.scan(body, (x_c, x_s), (jnp.arange(s, cfg.num_layers), draft_layers, kv_c))
+  return x_c, x_s, kv
+
+
+def slot_inputs(draft: Params, cfg: ModelConfig, b: int, m: int) -> jax.Array:
+  return jnp.broadcast_to(draft["mask"].astype(cfg.jnp_dtype), (b, m, cfg.hidden_size))
+
+
+# ----------------------------------------------------------------------------
+# Logits
+# ----------------------------------------------------------------------------
+def slot_logits(params: Params, cfg: ModelConfig, h_BJD, bonus_BJ=None) -> jax.Array:
+  """Draft logits [..., V] f32 from final-normed slot states; calibrated when
+  `bonus_BJ` is given and the drafter has a calibration MLP."""
+  z = model_lib.lm_logits(params["target"], cfg, h_BJD)
+  if bonus_BJ is None or "calib" not in params["draft"]:
+    return z
+  return z + calibration(params, cfg, h_BJD, bonus_BJ)
+
+
+def calibration(params: Params, cfg: ModelConfig, h_BJD, bonus_BJ) -> jax.Array:
+  """The bonus-guided correction W2 silu(W1 [E(bonus); h] + b1) + b2, f32 [..., V]."""
+  calib, dt = params["draft"]["calib"], cfg.jnp_dtype
+  e = model_lib.embed(params["target"], cfg, bonus_BJ)
+  u = jnp.concatenate([e, h_BJD.astype(dt)], axis=-1) @ calib["w1"].astype(dt) + calib["b1"].astype(dt)
+  delta = jnp.einsum("...R,RV->...V", jax.nn.silu(u), calib["w2"].astype(dt),
+                     preferred_element_type=jnp.float32)
+  return delta + calib["b2"].astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------
+# Decoding pass: clean tokens + groups of mask slots, one forward
+# ----------------------------------------------------------------------------
+def mixed_forward(params: Params, cfg: ModelConfig, dcfg: DrafterConfig, tokens_BT, anchors_BG,
+                  cache: model_lib.KVCache, advance=None):
+  """Clean tokens at each row's cache length, plus G blocks of mask slots.
+
+  Block g is anchored at clean position anchors_BG[:, g] (a cached or current
+  clean token). Only the clean tokens' keys/values are written to the cache,
+  and lengths grow by `advance` ([B], default T). Returns
+  (clean logits [B,T,V] f32, final-normed slot states [B,G,Bs,d], cache).
+  """
+  target, draft = params["target"], params["draft"]
+  b, t = tokens_BT.shape
+  g = anchors_BG.shape[1]
+  pos_c = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+  clean = Tokens.clean(pos_c)
+  slots = Tokens.slots(anchors_BG, dcfg.block_size)
+  every = clean.concat(slots)
+  s = dcfg.split(cfg)
+  x, (k0, v0) = model_lib.run_layers(cfg, target["layers"], model_lib.embed(target, cfg, tokens_BT),
+                                     pos_c, visibility(clean, clean), cache, 0, s)
+  x_c, x_s, (k1, v1) = run_dual_layers(
+      cfg, dcfg, target["layers"], draft["layers"], x, slot_inputs(draft, cfg, b, g * dcfg.block_size),
+      pos_c, slots.pos, visibility(every, every), cache)
+  logits = model_lib.lm_logits(target, cfg, model_lib.final_hidden(target, cfg, x_c))
+  h_s = model_lib.final_hidden(target, cfg, x_s).reshape(b, g, dcfg.block_size, -1)
+  cache = cache.write(jnp.concatenate([k0, k1]), jnp.concatenate([v0, v1]))
+  advance = jnp.full((b,), t, jnp.int32) if advance is None else advance
+  return logits, h_s, cache.replace(lengths=cache.lengths + advance)
+
+
+# ----------------------------------------------------------------------------
+# Training pass: packed rows, anchors, one frozen clean pass
+# ----------------------------------------------------------------------------
+def train_outputs(params: Params, cfg: ModelConfig, dcfg: DrafterConfig, batch: dict,
+                  with_clean_logits: bool = False):
+  """Slot states for packed rows with anchors (ALGORITHM.md §3).
+
+  batch: tokens/segment_ids/positions [B,S], anchors [B,A] (index of the anchor
+  token in the row, -1 = none). The clean pass runs the frozen target once
+  (no gradient) and hands every deep layer's keys/values to the mask path.
+  Returns (slot states [B,A,Bs,d] final-normed, clean logits [B,S,V] or None).
+  """
+  target, draft = params["target"], params["draft"]
+  tokens, seg, pos, anchors = batch["tokens"], batch["segment_ids"], batch["positions"], batch["anchors"]
+  b, a = anchors.shape
+  s = dcfg.split(cfg)
+  clean = Tokens.clean(pos, seg)
+  x, (k, v) = model_lib.run_layers(cfg, target["layers"], model_lib.embed(target, cfg, tokens), pos,
+                                   visibility(clean, clean))
+  x, k, v = lax.stop_gradient((x, k, v))
+  valid = anchors >= 0
+  idx = jnp.maximum(anchors, 0)
+  anchor_pos = jnp.take_along_axis(pos, idx, axis=1)
+  # Invalid anchors get segment -1: they see no clean token and carry no loss.
+  anchor_seg = jnp.where(valid, jnp.take_along_axis(seg, idx, axis=1), -1)
+  slots = Tokens.slots(anchor_pos, dcfg.block_size, anchor_seg)
+  _, x_s, _ = run_dual_layers(cfg, dcfg, target["layers"], draft["layers"], None,
+                              slot_inputs(draft, cfg, b, a * dcfg.block_size), None, slots.pos,
+                              visibility(slots, clean.concat(slots)), kv_c=(k[s:], v[s:]))
+  h_s = model_lib.final_hidden(target, cfg, x_s).reshape(b, a, dcfg.block_size, -1)
+  clean_logits = None
+  if with_clean_logits:
+    clean_logits = model_lib.lm_logits(target, cfg, model_lib.final_hidden(target, cfg, x))
+  return h_s, clean_logits

@@ -1,0 +1,284 @@
+"""Drafter training: param labels, the masked optimizer, the loss, sharding, the train step.
+
+Only the drafter learns (ALGORITHM.md §2, "Trainable"). The whole param tree
+`{'target', 'draft'}` is labelled leaf by leaf; `optax.multi_transform` gives
+trainable leaves AdamW (warmup-cosine, clipping) and frozen ones `set_to_zero`,
+which keeps no state. Gradients are taken of the draft subtree only, so the
+target's zero updates are never used and XLA drops them.
+
+Sharding: every param and batch array has logical axis names; one table,
+`LOGICAL_RULES`, maps them to the mesh axes ('data', 'fsdp', 'tensor'). A
+dimension that a mesh axis does not divide stays replicated on that axis.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flexdraft_jax import drafter as drafter_lib
+from flexdraft_jax.drafter import DrafterConfig
+from flexdraft_jax.model_config import ModelConfig
+
+Params = Any
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. The one place that says how anything is sharded.
+LOGICAL_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("head_dim", None),
+    ("norm", None),
+    ("rank", None),
+    ("seq", None),
+)
+
+# Param path (regex on "a/b/c") -> logical axes, without the leading layer axis
+# that stacked layers carry. Every path must match exactly one entry here and
+# in `TRAINABLE`, or labelling fails: a new param must be classified explicitly.
+_PARAM_AXES = (
+    (r"embed/embedding", ("vocab", "embed")),
+    (r"lm_head/kernel", ("embed", "vocab")),
+    (r"(q_proj)/kernel", ("embed", "heads", "head_dim")),
+    (r"(k_proj|v_proj)/kernel", ("embed", "kv_heads", "head_dim")),
+    (r"q_proj/bias", ("heads", "head_dim")),
+    (r"(k_proj|v_proj)/bias", ("kv_heads", "head_dim")),
+    (r"o_proj/kernel", ("heads", "head_dim", "embed")),
+    (r"(q_norm|k_norm)/scale", ("norm",)),
+    (r"(input_norm|post_norm|final_norm)/scale", ("norm",)),
+    (r"(gate_proj|up_proj)/kernel", ("embed", "mlp")),
+    (r"down_proj/kernel", ("mlp", "embed")),
+    (r"draft/mask", ("norm",)),
+    (r"calib/w1", ("norm", "rank")),
+    (r"calib/b1", ("rank",)),
+    (r"calib/w2", ("rank", "vocab")),
+    (r"calib/b2", ("vocab",)),
+)
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def label_params(params: Params) -> Params:
+  """'trainable' for the draft subtree, 'frozen' for the target's; unknown paths fail."""
+  def label(path, _):
+    name = _path_str(path)
+    if not any(re.search(pat + "$", name) for pat, _ in _PARAM_AXES):
+      raise ValueError(f"param {name!r} has no entry in training._PARAM_AXES; classify it")
+    if name.startswith("draft/"):
+      return "trainable"
+    if name.startswith("target/"):
+      return "frozen"
+    raise ValueError(f"param {name!r} is neither under 'target' nor under 'draft'")
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def logical_axes(path, shape) -> tuple:
+  name = _path_str(path)
+  for pat, axes in _PARAM_AXES:
+    if re.search(pat + "$", name):
+      extra = len(shape) - len(axes)
+      if extra not in (0, 1):
+        raise ValueError(f"param {name} has shape {shape}, expected axes {axes} (+ layers)")
+      return ("layers",) * extra + axes
+  raise ValueError(f"param {name!r} has no entry in training._PARAM_AXES")
+
+
+def spec_for(shape, axes, mesh: Mesh) -> P:
+  """PartitionSpec from logical axes via LOGICAL_RULES, dropping non-dividing mesh axes."""
+  spec = nn.logical_to_mesh_axes(axes, LOGICAL_RULES)
+  out = []
+  for dim, entry in zip(shape, spec):
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    kept, size = [], 1
+    for n in names:
+      if dim % (size * mesh.shape[n]) == 0:
+        kept.append(n)
+        size *= mesh.shape[n]
+    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return P(*out)
+
+
+def param_shardings(params: Params, mesh: Mesh) -> Params:
+  return jax.tree_util.tree_map_with_path(
+      lambda path, a: NamedSharding(mesh, spec_for(a.shape, logical_axes(path, a.shape), mesh)),
+      params)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  return NamedSharding(mesh, spec_for((mesh.shape["data"] * mesh.shape["fsdp"],) + (1,) * (ndim - 1),
+                                      ("batch",) + (None,) * (ndim - 1), mesh))
+
+
+def make_mesh(shape, devices=None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh; shape 'auto' puts every device on 'data'."""
+  devices = jax.devices() if devices is None else devices
+  if shape == "auto":
+    shape = (len(devices), 1, 1)
+  shape = tuple(int(s) for s in shape)
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, "
+                     f"{len(devices)} are available")
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+# ----------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 3e-4
+  warmup_steps: int = 100
+  total_steps: int = 1000
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.95
+
+
+def make_optimizer(ocfg: OptimConfig, params: Params) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, ocfg.learning_rate, max(1, ocfg.warmup_steps), max(ocfg.total_steps, ocfg.warmup_steps + 1),
+      end_value=ocfg.learning_rate * 0.1)
+  adamw = optax.chain(optax.clip_by_global_norm(ocfg.clip_norm),
+                      optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, weight_decay=ocfg.weight_decay))
+  return optax.multi_transform({"trainable": adamw, "frozen": optax.set_to_zero()},
+                               label_params(params))
+
+
+# ----------------------------------------------------------------------------
+# Loss and metrics
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  slot_decay: float = 1.0      # weight of slot j is slot_decay**j (1.0 = uniform)
+  calib_weight: float = 1.0    # weight of the calibrated CE of slots >= 1
+  labels: str = "data"         # 'data' (self-distilled tokens) or 'target_argmax' (ablation)
+
+
+def slot_targets(batch: dict, block_size: int, clean_argmax=None):
+  """Labels [B,A,Bs] and validity of slot j of anchor a (the token at a+1+j)."""
+  tokens, seg, loss_mask, anchors = (batch["tokens"], batch["segment_ids"], batch["loss_mask"],
+                                     batch["anchors"])
+  s = tokens.shape[1]
+  idx = anchors[..., None] + 1 + jnp.arange(block_size)  # [B,A,Bs]
+  inside = (anchors[..., None] >= 0) & (idx < s)
+  idx_c = jnp.clip(idx, 0, s - 1)
+  take = lambda a: jnp.take_along_axis(a[:, None, :], idx_c, axis=2)
+  anchor_seg = jnp.take_along_axis(seg, jnp.maximum(anchors, 0), axis=1)[..., None]
+  valid = inside & (take(seg) == anchor_seg) & take(loss_mask)
+  if clean_argmax is None:
+    labels = take(tokens)
+  else:  # the target's own next-token argmax at the previous position
+    labels = jnp.take_along_axis(clean_argmax[:, None, :], jnp.clip(idx - 1, 0, s - 1), axis=2)
+  return labels, valid
+
+
+def loss_and_metrics(draft: Params, target: Params, batch: dict, *, cfg: ModelConfig,
+                     dcfg: DrafterConfig, lcfg: LossConfig):
+  params = {"target": target, "draft": draft}
+  argmax_labels = lcfg.labels == "target_argmax"
+  h, clean_logits = drafter_lib.train_outputs(params, cfg, dcfg, batch,
+                                              with_clean_logits=argmax_labels)
+  labels, valid = slot_targets(batch, dcfg.block_size,
+                               jnp.argmax(clean_logits, -1) if argmax_labels else None)
+  bs = dcfg.block_size
+  w = (lcfg.slot_decay ** jnp.arange(bs, dtype=jnp.float32)) * valid  # [B,A,Bs]
+  z = drafter_lib.slot_logits(params, cfg, h)  # [B,A,Bs,V]
+  ce = optax.softmax_cross_entropy_with_integer_labels(z, labels)
+  denom = jnp.maximum(w.sum(), 1.0)
+  loss = (ce * w).sum() / denom
+  correct = jnp.argmax(z, -1) == labels
+  count = jnp.maximum(valid.sum((0, 1)), 1)
+  metrics = {"ce": loss, "acc": (correct & valid).sum((0, 1)) / count, "valid_slots": valid.sum()}
+  if "calib" in draft:
+    zc = z[:, :, 1:] + drafter_lib.calibration(params, cfg, h[:, :, 1:],
+                                               jnp.broadcast_to(labels[:, :, :1], labels[:, :, 1:].shape))
+    cec = optax.softmax_cross_entropy_with_integer_labels(zc, labels[:, :, 1:])
+    loss_c = (cec * w[:, :, 1:]).sum() / jnp.maximum(w[:, :, 1:].sum(), 1.0)
+    loss = loss + lcfg.calib_weight * loss_c
+    metrics["ce_calib"] = loss_c
+    metrics["acc_calib"] = ((jnp.argmax(zc, -1) == labels[:, :, 1:]) & valid[:, :, 1:]).sum((0, 1)) / count[1:]
+  metrics["loss"] = loss
+  return loss, metrics
+
+
+def acceptance_proxies(metrics: dict) -> dict:
+  """Expected acceptance length 1 + sum_k prod_{i<=k} acc_i (ALGORITHM.md §3).
+
+  sequential: drafts are slots 0..Bs-1, uncalibrated. parallel: the bonus is
+  the target's and the drafts are slots 1..Bs-1, calibrated when present.
+  """
+  acc = np.asarray(metrics["acc"])
+  par = np.asarray(metrics.get("acc_calib", acc[1:]))
+  return {"tau_proxy_sequential": float(1 + np.cumprod(acc).sum()),
+          "tau_proxy_parallel": float(1 + np.cumprod(par).sum())}
+
+
+# ----------------------------------------------------------------------------
+# Train state and step
+# ----------------------------------------------------------------------------
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  draft: Params
+  opt_state: Any
+
+  def as_dict(self) -> dict:
+    return {"step": self.step, "draft": self.draft, "opt_state": self.opt_state}
+
+
+def init_state(tx: optax.GradientTransformation, target: Params, draft: Params) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), draft=draft,
+                    opt_state=tx.init({"target": target, "draft": draft}))
+
+
+def train_step(state: TrainState, target: Params, batch: dict, *, tx, cfg, dcfg, lcfg):
+  """One update of the draft params. The target is an argument, never updated."""
+  grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+  (_, metrics), g_draft = grad_fn(state.draft, target, batch, cfg=cfg, dcfg=dcfg, lcfg=lcfg)
+  grads = {"target": jax.tree.map(jnp.zeros_like, target), "draft": g_draft}
+  updates, opt_state = tx.update(grads, state.opt_state, {"target": target, "draft": state.draft})
+  metrics["grad_norm"] = optax.global_norm(g_draft)
+  draft = optax.apply_updates(state.draft, updates["draft"])
+  return TrainState(step=state.step + 1, draft=draft, opt_state=opt_state), metrics
+
+
+def state_shardings(tx: optax.GradientTransformation, state: TrainState, target: Params,
+                    mesh: Mesh) -> TrainState:
+  """Shardings for the train state: the draft by the rules table, each optimizer
+  moment like the param it tracks (`optax.tree_utils.tree_map_params`)."""
+  full = param_shardings({"target": target, "draft": state.draft}, mesh)
+  replicated = NamedSharding(mesh, P())
+  # The AdamW moments exist for the draft only; the target's slots are MaskedNodes.
+  masked = {"target": jax.tree.map(lambda _: optax.MaskedNode(), full["target"]),
+            "draft": full["draft"]}
+  opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, sh: sh, state.opt_state, masked,
+                                            transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, draft=full["draft"], opt_state=opt_sh)
+
+
+def compile_train_step(state: TrainState, target: Params, batch: dict, mesh: Mesh, *, tx, cfg, dcfg,
+                       lcfg):
+  """jit with explicit in/out shardings over `mesh`; the state is donated."""
+  st_sh = state_shardings(tx, state, target, mesh)
+  tg_sh = param_shardings({"target": target}, mesh)["target"]
+  b_sh = {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+  fn = jax.jit(lambda s, t, b: train_step(s, t, b, tx=tx, cfg=cfg, dcfg=dcfg, lcfg=lcfg),
+               in_shardings=(st_sh, tg_sh, b_sh), out_shardings=(st_sh, None),
+               donate_argnums=0)
+  return fn, st_sh, tg_sh, b_sh
