@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_prompt_len = 1024
   c.data.max_response_len = 2048
   c.seq_len = 4096
-  c.batch_size = 64
+  c.batch_size = 32     # one packed row per chip
   c.anchors_per_seq = 64
   c.num_steps = 20_000
   c.save_every = 500

@@ -125,15 +125,17 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 
 def make_mesh(shape, devices=None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh; shape 'auto' puts every device on 'data'."""
+  """A ('data', 'fsdp', 'tensor') mesh over the first data*fsdp*tensor devices;
+  'auto' puts every device on 'data'."""
   devices = jax.devices() if devices is None else devices
   if shape == "auto":
     shape = (len(devices), 1, 1)
   shape = tuple(int(s) for s in shape)
-  if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, "
+  n = int(np.prod(shape))
+  if len(shape) != 3 or n > len(devices) or min(shape) < 1:
+    raise ValueError(f"mesh shape {shape} (data, fsdp, tensor) needs {n} devices, "
                      f"{len(devices)} are available")
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  return Mesh(np.asarray(devices[:n]).reshape(shape), MESH_AXES)
 
 
 # ----------------------------------------------------------------------------
@@ -253,7 +255,7 @@ def train_step(state: TrainState, target: Params, batch: dict, *, tx, cfg, dcfg,
   (_, metrics), g_draft = grad_fn(state.draft, target, batch, cfg=cfg, dcfg=dcfg, lcfg=lcfg)
   grads = {"target": jax.tree.map(jnp.zeros_like, target), "draft": g_draft}
   updates, opt_state = tx.update(grads, state.opt_state, {"target": target, "draft": state.draft})
-  metrics["grad_norm"] = optax.global_norm(g_draft)
+  metrics["grad_norm"] = optax.tree.norm(g_draft)
   draft = optax.apply_updates(state.draft, updates["draft"])
   return TrainState(step=state.step + 1, draft=draft, opt_state=opt_state), metrics
 
