@@ -108,7 +108,8 @@ class Checkpointer:
             policies.FixedIntervalPolicy(save_interval_steps),
             policies.PreemptionCheckpointingPolicy()]),
         preservation_policy=policies.LatestN(max_to_keep))
-    self._manager = ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints", options=options)
+    self._manager = ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints",
+                                          options=options)
     try:
       self._check_config()
     except Exception:

@@ -239,7 +239,7 @@ def evaluate(eval_fn, state, target, config, path, dcfg, sharding) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains to config.num_steps (resuming if a checkpoint exists); returns the last metrics."""
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(workdir).absolute()  # orbax wants absolute paths
   workdir.mkdir(parents=True, exist_ok=True)
   main = jax.process_index() == 0
   cfg, target = load_target(config)

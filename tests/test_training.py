@@ -256,9 +256,8 @@ def test_train_cli_runs_and_sigterm_saves(tiny_data, tmp_path):
           f"--config.data.train_dir={tiny_data}/train", f"--config.data.heldout_dir={tiny_data}/heldout",
           "--config.data.generate_if_missing=False"]
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  done = subprocess.run(base + [f"--workdir={tmp_path}/a", "--config.num_steps=6",
-                               "--config.eval_every=3"], capture_output=True, text=True,
-                        timeout=300, env=env)
+  done = subprocess.run(base + ["--workdir=a", "--config.num_steps=6", "--config.eval_every=3"],
+                        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
   assert done.returncode == 0, done.stderr[-3000:]
   assert (tmp_path / "a" / "drafter" / "drafter.safetensors").exists()
   rows = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
