@@ -1,7 +1,8 @@
-r"""Generates text with a target model: the jitted, batched AR loop.
+r"""Generates text with a target model: plain AR or FlexDraft speculative decoding.
 
   python decode.py --prompt="Tell me a joke."
   python decode.py --prompts_file=questions.jsonl --batch_size=8 --max_new_tokens=256
+  python decode.py --drafter=runs/smollm2/drafter --mode=flex --stats --stream --prompt="..."
 """
 from __future__ import annotations
 
@@ -28,7 +29,19 @@ _MODEL = flags.DEFINE_string(
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Compute/param dtype; auto = f32 on CPU, bf16 on accelerators.")
 _CHAT = flags.DEFINE_bool("chat_template", True, "Apply the model's chat template.")
-_STREAM = flags.DEFINE_bool("stream", False, "Print the first row's tokens as they commit.")
+_STREAM = flags.DEFINE_bool("stream", False, "Print the first row's tokens as they commit "
+                            "(accepted drafts in colour on a tty).")
+_DRAFTER = flags.DEFINE_string("drafter", None, "Exported drafter folder (train.py's workdir/drafter).")
+_MODE = flags.DEFINE_enum("mode", None, ["ar", "parallel", "sequential", "flex"],
+                          "Decoding mode; default: flex with a drafter, else ar.")
+_BLOCK = flags.DEFINE_integer("block_size", None,
+                              "Expected drafter block size; an error if the drafter's differs.")
+_THRESHOLD = flags.DEFINE_float("verify_threshold", 0.01,
+                                "Confidence threshold t of the verify-length rule, in (0, 1].")
+_STRATEGY = flags.DEFINE_enum("verify_strategy", "cumulative_product",
+                              ["min_confidence", "cumulative_product", "full"],
+                              "How many drafts to verify per step.")
+_STATS = flags.DEFINE_bool("stats", False, "Print tau, acceptance by depth and the mode histogram.")
 
 
 def _usage_checks(argv):
@@ -48,6 +61,12 @@ def _usage_checks(argv):
     raise app.UsageError(f"--top_k must be >= 0, got {_TOP_K.value}")
   if _BATCH.value is not None and _BATCH.value < 1:
     raise app.UsageError(f"--batch_size must be >= 1, got {_BATCH.value}")
+  if not 0.0 < _THRESHOLD.value <= 1.0:
+    raise app.UsageError(f"--verify_threshold must be in (0, 1], got {_THRESHOLD.value}")
+  if _DRAFTER.value is None and _MODE.value not in (None, "ar"):
+    raise app.UsageError(f"--mode={_MODE.value} needs --drafter")
+  if _DRAFTER.value is not None and not pathlib.Path(_DRAFTER.value).exists():
+    raise app.UsageError(f"--drafter={_DRAFTER.value} does not exist")
   model = _MODEL.value
   if model != "smollm2-135m-instruct" and not pathlib.Path(model).exists():
     raise app.UsageError(f"--model={model} is neither smollm2-135m-instruct nor an existing "
@@ -56,7 +75,9 @@ def _usage_checks(argv):
 
 def main(argv):
   _usage_checks(argv)
-  from flexdraft_jax import engine as engine_lib  # after flag checks: imports jax
+  from flexdraft_jax import checkpoint  # after flag checks: imports jax
+  from flexdraft_jax import engine as engine_lib
+  from flexdraft_jax import flex as flex_lib
   from flexdraft_jax import prompts as prompts_lib
   from flexdraft_jax.sampling import SamplingConfig
 
@@ -73,21 +94,34 @@ def main(argv):
   sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
 
   logging.info("loading %s", _MODEL.value)
-  engine = engine_lib.Engine(_MODEL.value, None if _DTYPE.value == "auto" else _DTYPE.value,
-                             chat_template=_CHAT.value)
+  try:
+    engine = engine_lib.Engine(_MODEL.value, None if _DTYPE.value == "auto" else _DTYPE.value,
+                               chat_template=_CHAT.value, drafter=_DRAFTER.value)
+  except (checkpoint.DrafterMismatchError, checkpoint.DrafterFileError) as e:
+    raise app.UsageError(str(e)) from None
+  if _BLOCK.value is not None and engine.dcfg and _BLOCK.value != engine.dcfg.block_size:
+    raise app.UsageError(f"--block_size={_BLOCK.value} but the drafter was trained with "
+                         f"block_size={engine.dcfg.block_size}")
+  mode = _MODE.value or ("flex" if engine.dcfg else "ar")
+  flex = flex_lib.FlexConfig(mode=mode, verify_strategy=_STRATEGY.value,
+                             verify_threshold=_THRESHOLD.value)
   printer = engine_lib.StreamPrinter(engine.tokenizer) if _STREAM.value else None
   if printer:
     print(f">>> {prompts[0]}\n")
   results, stats = engine.generate(prompts, max_new_tokens=_MAX_NEW.value, batch_size=batch,
-                                   sampling=sampling, seed=_SEED.value, on_token=printer)
+                                   sampling=sampling, seed=_SEED.value, on_token=printer,
+                                   flex=flex)
   for i, r in enumerate(results):
     if printer and i == 0:
       print()
       continue
     print(f">>> {r.prompt}\n{r.text}\n")
-  print(f"\n[{stats.new_tokens} new tokens | {stats.tokens_per_s:.1f} tok/s (compile excluded) | "
-        f"{stats.forward_passes} decode steps | compile {stats.compile_s:.1f} s | "
-        f"batch {batch} | {engine.cfg.dtype}]", file=sys.stderr)
+  print(f"\n[{mode} | {stats.new_tokens} new tokens | {stats.tokens_per_s:.1f} tok/s (compile "
+        f"excluded) | tau {stats.tau:.2f} | {stats.forward_passes} forward passes | compile "
+        f"{stats.compile_s:.1f} s | batch {batch} | {engine.cfg.dtype}]", file=sys.stderr)
+  if _STATS.value:
+    print(f"[steps {stats.steps} | modes {stats.modes} | acceptance by depth "
+          f"{stats.acceptance_by_depth}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

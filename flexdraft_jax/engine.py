@@ -14,6 +14,9 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from flexdraft_jax import checkpoint
+from flexdraft_jax import drafter as drafter_lib
+from flexdraft_jax import flex as flex_lib
 from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
 from flexdraft_jax import tokenizer as tokenizer_lib
@@ -29,11 +32,34 @@ class Stats:
   new_tokens: int = 0
   decode_s: float = 0.0    # wall time of the jitted calls, compile excluded
   compile_s: float = 0.0
-  forward_passes: int = 0  # decode steps after prefill, summed over batches
+  forward_passes: int = 0  # model passes after prefill (flex: prefill included), all batches
+  steps: int = 0           # loop iterations (verification steps), all batches
+  row_steps: int = 0       # verification steps summed over real rows (the tau denominator)
+  modes: dict = dataclasses.field(default_factory=lambda: {"parallel": 0, "sequential": 0})
+  acceptance_by_depth: list = dataclasses.field(default_factory=list)
+  _tried: np.ndarray | None = None
+  _accepted: np.ndarray | None = None
 
   @property
   def tokens_per_s(self) -> float:
     return self.new_tokens / self.decode_s if self.decode_s else 0.0
+
+  @property
+  def tau(self) -> float:
+    """Committed tokens per verification step, bonus included (ALGORITHM.md §5)."""
+    return self.new_tokens / self.row_steps if self.row_steps else 0.0
+
+  def add_flex(self, fs, real: int) -> None:
+    """Adds one batch's `flex.FlexStats` (its first `real` rows are real prompts)."""
+    fs = jax.device_get(fs)
+    self.forward_passes += int(fs.forward_passes)
+    self.steps += int(fs.steps)
+    self.row_steps += int(np.sum(fs.row_steps[:real]))
+    self.modes["parallel"] += int(fs.modes[0])
+    self.modes["sequential"] += int(fs.modes[1])
+    self._tried = fs.tried if self._tried is None else self._tried + fs.tried
+    self._accepted = fs.accepted if self._accepted is None else self._accepted + fs.accepted
+    self.acceptance_by_depth = (self._accepted / np.maximum(self._tried, 1)).round(3).tolist()
 
 
 @dataclasses.dataclass
@@ -47,15 +73,27 @@ class Engine:
   """A loaded target model with its tokenizer, ready to generate."""
 
   def __init__(self, model: str, dtype: str | None = None, chat_template: bool = True,
-               unroll_layers: bool | None = None, *, target=None, tokenizer: str | None = None):
+               unroll_layers: bool | None = None, *, target=None, tokenizer: str | None = None,
+               drafter: str | None = None):
     """`unroll_layers` (default: on CPU) runs layers from per-layer param trees.
 
     XLA:CPU copies each layer's weights out of the stacked [L, ...] arrays on
     every scan step; unrolled decoding measured ~3x faster at batch 1 here.
     `target=(cfg, params)` serves already loaded (or random) weights, with the
-    tokenizer of `tokenizer` (default: `model`'s).
+    tokenizer of `tokenizer` (default: `model`'s). `drafter` is an exported
+    drafter folder (train.py's `workdir/drafter`); it must have been trained for
+    this target (architecture and weights fingerprint are checked).
     """
     self.cfg, params = target if target is not None else weights.load_model(model, dtype=dtype)
+    if unroll_layers is None:
+      unroll_layers = jax.default_backend() == "cpu"
+    self.dcfg, self.draft = None, None
+    if drafter is not None:
+      fingerprint = checkpoint.target_fingerprint(dataclasses.asdict(self.cfg), params)
+      meta, draft = checkpoint.load_drafter(drafter, dataclasses.asdict(self.cfg), fingerprint,
+                                            dtype=self.cfg.param_dtype)
+      self.dcfg = drafter_lib.DrafterConfig(**meta).validate(self.cfg)
+      self.draft = drafter_lib.decoding_draft(draft, unroll_layers)
     self.params = model_lib.decoding_params(params, unroll_layers)
     self.tokenizer = tokenizer_lib.load_tokenizer(tokenizer or model)
     self.chat_template = chat_template and bool(self.tokenizer.chat_template)
@@ -67,35 +105,53 @@ class Engine:
       return tokenizer_lib.chat_prompt_ids(self.tokenizer, prompt)
     return self.tokenizer.encode(prompt)
 
-  def _executable(self, batch, width, capacity, max_new_tokens, sampling, on_token, stats):
-    key = (batch, width, capacity, max_new_tokens, sampling, on_token)
+  def _executable(self, batch, width, capacity, max_new_tokens, sampling, on_token, flex, stats):
+    key = (batch, width, capacity, max_new_tokens, sampling, on_token, flex)
     if key not in self._compiled:
       start = time.perf_counter()
-      self._compiled[key] = generate_lib.compile_generate(
-          self.params, self.cfg, batch, width, capacity, len(self.stop_ids),
-          max_new_tokens=max_new_tokens, sampling=sampling, on_token=on_token)
+      if flex is None:
+        exe = generate_lib.compile_generate(
+            self.params, self.cfg, batch, width, capacity, len(self.stop_ids),
+            max_new_tokens=max_new_tokens, sampling=sampling, on_token=on_token)
+        self._compiled[key] = lambda p, c, x, n, s, k: exe(p, c, x, n, s, k)
+      else:
+        fcfg = dataclasses.replace(flex, max_new_tokens=max_new_tokens, sampling=sampling)
+        exe = flex_lib.compile_flex({"target": self.params, "draft": self.draft}, self.cfg,
+                                    self.dcfg, batch, width, capacity, len(self.stop_ids),
+                                    fcfg=fcfg, on_commit=on_token)
+        self._compiled[key] = lambda p, c, x, n, s, k: exe(
+            {"target": p, "draft": self.draft}, c, x, n, s, k, None)
       stats.compile_s += time.perf_counter() - start
     return self._compiled[key]
 
   def generate(self, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-               on_token: Callable | None = None) -> tuple[list[Completion], Stats]:
-    """Generates for all prompts, `batch_size` rows at a time."""
+               on_token: Callable | None = None,
+               flex: flex_lib.FlexConfig | None = None) -> tuple[list[Completion], Stats]:
+    """Generates for all prompts, `batch_size` rows at a time.
+
+    `flex` (needs a drafter) decodes speculatively in its mode; its
+    max_new_tokens and sampling are taken from the arguments here.
+    """
+    if flex is not None and flex.mode != "ar" and self.draft is None:
+      raise ValueError(f"mode {flex.mode!r} needs a drafter (Engine(..., drafter=PATH))")
+    flex = None if flex is None or flex.mode == "ar" else flex
     stats = Stats()
     ids = [self.encode(p) for p in prompts]
     longest = max(len(i) for i in ids)
     if longest + max_new_tokens > self.cfg.max_position:
       raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
                        f"exceeds the model's {self.cfg.max_position} positions")
+    room = max_new_tokens + (2 * self.dcfg.block_size if flex else 0)
     key = jax.random.key(seed)
     out = []
     for start in range(0, len(ids), batch_size):
       chunk = ids[start:start + batch_size]
       chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # a short last batch repeats a row
       prompt_bp, lens = generate_lib.pad_prompts(chunk, PROMPT_BUCKET)
-      capacity = -(-(prompt_bp.shape[1] + max_new_tokens) // CAPACITY_BUCKET) * CAPACITY_BUCKET
+      capacity = -(-(prompt_bp.shape[1] + room) // CAPACITY_BUCKET) * CAPACITY_BUCKET
       fn = self._executable(batch_size, prompt_bp.shape[1], capacity, max_new_tokens, sampling,
-                            on_token, stats)
+                            on_token, flex, stats)
       cache = model_lib.KVCache.zeros(self.cfg, batch_size, capacity)
       stops = generate_lib.stop_matrix(self.stop_ids, batch_size)
       key, sub = jax.random.split(key)
@@ -105,7 +161,13 @@ class Engine:
                                                            stops, sub))
       stats.decode_s += time.perf_counter() - t0
       tokens, num_new = np.asarray(tokens), np.asarray(num_new)
-      stats.forward_passes += int(steps)
+      real = min(batch_size, len(prompts) - start)
+      if flex:
+        stats.add_flex(steps, real)
+      else:
+        stats.forward_passes += int(steps)
+        stats.steps += int(steps)
+        stats.row_steps += int(num_new[:real].sum())  # AR: one token per step
       for row, prompt in enumerate(prompts[start:start + batch_size]):
         toks = tokens[row, :num_new[row]].tolist()
         stats.new_tokens += len(toks)
@@ -117,19 +179,38 @@ class Engine:
 
 
 class StreamPrinter:
-  """Host callback for `on_token`: prints row 0's text as its tokens commit."""
+  """Host callback for streaming: prints row 0's text as its tokens commit.
+
+  Serves the AR loop (`on_token(tokens_B, active_B)`) and the flex loop
+  (`on_commit(tokens_BJ, count_B, drafted_B)`); on a tty, tokens that came
+  from accepted drafts are shown in colour.
+  """
+  DRAFT_COLOUR, RESET = "\033[32m", "\033[0m"
 
   def __init__(self, tokenizer, out=sys.stdout):
     self.tokenizer, self.out = tokenizer, out
+    self.colour = hasattr(out, "isatty") and out.isatty()
     self.ids: list[int] = []
     self.printed = 0
 
-  def __call__(self, tokens_B, active_B):
-    if not bool(active_B[0]):
+  def __call__(self, tokens, counts, drafted=None):
+    if drafted is None:  # AR: one token per active row
+      if bool(counts[0]):
+        self._emit([int(tokens[0])], 0)
       return
-    self.ids.append(int(tokens_B[0]))
-    text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-    if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-      self.out.write(text[self.printed:])
-      self.out.flush()
+    n = int(counts[0])
+    if n:
+      self._emit([int(t) for t in tokens[0, :n]], int(drafted[0]))
+
+  def _emit(self, new_ids: list[int], num_drafted: int) -> None:
+    for i, tok in enumerate(new_ids):
+      self.ids.append(tok)
+      text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+      if text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+        continue
+      piece = text[self.printed:]
+      if self.colour and i < num_drafted and piece:
+        piece = f"{self.DRAFT_COLOUR}{piece}{self.RESET}"
+      self.out.write(piece)
       self.printed = len(text)
+    self.out.flush()

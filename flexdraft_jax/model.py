@@ -324,6 +324,10 @@ def run_layers(cfg: ModelConfig, layers: Params, x_BTD, positions_BT, mask_BTS,
   """
   last = cfg.num_layers if last is None else last
   layer = DecoderLayer(cfg)
+  if first >= last:  # an empty range (a drafter with K = L has no shallow layers)
+    b, t = x_BTD.shape[:2]
+    empty = jnp.zeros((0, b, t, cfg.num_kv_heads, cfg.head_dim), cfg.jnp_dtype)
+    return x_BTD, (empty, empty)
   if isinstance(layers, tuple):
     x, ks, vs = x_BTD, [], []
     for i in range(first, last):

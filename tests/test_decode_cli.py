@@ -25,6 +25,10 @@ def _decode(*args, timeout=300):
     (["--prompt=a", "--batch_size=2"], "larger than the 1 prompt(s)"),
     (["--prompt=a", "--model=/no/such/model"], "neither smollm2-135m-instruct"),
     (["--prompt=a", "extra"], "unexpected arguments: extra"),
+    (["--prompt=a", "--verify_threshold=0"], "--verify_threshold must be in (0, 1]"),
+    (["--prompt=a", "--verify_threshold=1.5"], "--verify_threshold must be in (0, 1]"),
+    (["--prompt=a", "--mode=flex"], "--mode=flex needs --drafter"),
+    (["--prompt=a", "--drafter=/no/such/drafter"], "does not exist"),
 ])
 def test_bad_flags_are_usage_errors(args, reason):
   r = _decode(*args)
@@ -46,3 +50,35 @@ def test_prompt_alone_answers_with_real_text():
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Paris" in r.stdout
   assert "tok/s (compile excluded)" in r.stderr and "compile" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def drafters(tmp_path_factory):
+  """A random drafter exported for SmolLM2, and one exported for another target."""
+  import dataclasses
+
+  import jax
+
+  from flexdraft_jax import checkpoint, drafter, resources, weights
+  cfg, params = weights.load_model(resources.SMOLLM2_NAME, dtype="float32")
+  dcfg = drafter.DrafterConfig(num_draft_layers=2, block_size=4, calib_rank=8)
+  draft = jax.device_get(drafter.init_draft(cfg, dcfg, params, jax.random.key(0)))
+  root = tmp_path_factory.mktemp("drafters")
+  arch = dataclasses.asdict(cfg)
+  checkpoint.export_drafter(root / "ok", draft, dcfg.to_dict(), arch,
+                            checkpoint.target_fingerprint(arch, params))
+  checkpoint.export_drafter(root / "other", draft, dcfg.to_dict(), {**arch, "num_layers": 28},
+                            "0" * 64)
+  return root
+
+
+def test_drafter_flags(drafters):
+  r = _decode("--prompt=a", f"--drafter={drafters}/other")
+  assert r.returncode != 0 and "trained for another target" in r.stderr
+  assert "num_layers=28, this target has 30" in r.stderr and "Traceback" not in r.stderr
+  r = _decode("--prompt=a", f"--drafter={drafters}/ok", "--block_size=16")
+  assert r.returncode != 0 and "trained with block_size=4" in r.stderr
+  r = _decode("--prompt=What is the capital of France?", "--max_new_tokens=12",
+              f"--drafter={drafters}/ok", "--mode=flex", "--stats")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Paris" in r.stdout and "[flex |" in r.stderr and "acceptance by depth" in r.stderr

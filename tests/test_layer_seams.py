@@ -53,3 +53,15 @@ def test_layer_parts_compose_to_the_layer(tiny):
   eye = jnp.broadcast_to(jnp.eye(5, dtype=bool), (2, 5, 5))
   other, _ = layer.apply(p, x, pos, eye)
   assert not np.allclose(other[:, 1:], want[:, 1:], atol=1e-4)
+
+
+@pytest.mark.parametrize("unstack", [False, True])
+def test_empty_layer_range_is_the_identity(tiny, unstack):
+  cfg, params = tiny
+  if unstack:
+    params = model.unstack_layers(params)
+  x = jax.random.normal(jax.random.key(5), (2, 3, cfg.hidden_size))
+  pos = jnp.broadcast_to(jnp.arange(3), (2, 3))
+  out, (k, v) = model.run_layers(cfg, params["layers"], x, pos, model.causal_mask(3), first=2, last=2)
+  np.testing.assert_array_equal(out, x)
+  assert k.shape == (0, 2, 3, cfg.num_kv_heads, cfg.head_dim) and v.shape == k.shape

@@ -1,0 +1,490 @@
+"""FlexDraft decoding: lossless greedy, an exact drafter, the sampling law, compiles, errors.
+
+Compiles dominate on a small CPU: each (mode, batch, config) is compiled once
+and reused, and the random-drafter runs share one AR reference per family.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from flexdraft_jax import drafter
+from flexdraft_jax import flex
+from flexdraft_jax import generate as generate_lib
+from flexdraft_jax import model as model_lib
+from flexdraft_jax.model_config import ModelConfig
+from flexdraft_jax.sampling import SamplingConfig, probabilities
+
+BUCKET = 16
+M = 14                  # max_new_tokens of the tiny greedy runs
+DCFG = drafter.DrafterConfig(num_draft_layers=1, block_size=4, calib_rank=8)
+# A divergence from AR greedy is a near tie, not a failure, when the AR logits' top-2
+# margin there is below EPS_TIE relative to the top logit: f32 sums in another order
+# (a wider pass) move logits by ~1e-6 relative.
+EPS_TIE = 1e-4
+SMOLLM2_EOS = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _exact_matmuls():
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
+def random_params(cfg: ModelConfig, seed: int):
+  """Target params like conftest's tiny_model (O(1) logits), for configs of our own."""
+  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  rng = np.random.RandomState(seed)
+
+  def fill(path, s):
+    name = jax.tree_util.keystr(path)
+    x = rng.standard_normal(s.shape).astype(np.float32)
+    if "scale" in name:
+      return 1.0 + 0.3 * x
+    if "embedding" in name:
+      return 0.3 * x
+    if "lm_head" in name:  # [d, V]
+      return x / np.sqrt(s.shape[0])
+    return x / np.sqrt(s.shape[1] * (s.shape[2] if "o_proj" in name else 1))  # [L, in, ...]
+
+  return jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(fill, shapes))
+
+
+def noisy_drafter(cfg, dcfg, target, seed, noise=0.3):
+  """init_draft, then noise on the projectors and a non-zero calibration output layer."""
+  draft = drafter.init_draft(cfg, dcfg, target, jax.random.key(seed))
+  keys = iter(jax.random.split(jax.random.key(seed + 1), 64))
+  jitter = lambda a: a + noise * jnp.std(a) * jax.random.normal(next(keys), a.shape)
+  draft["layers"] = jax.tree.map(jitter, draft["layers"])
+  if "calib" in draft:
+    draft["calib"]["w2"] = 0.5 * jax.random.normal(next(keys), draft["calib"]["w2"].shape)
+  return draft
+
+
+def decoding(target, draft, unroll=None):
+  unroll = jax.default_backend() == "cpu" if unroll is None else unroll
+  return {"target": model_lib.decoding_params(target, unroll),
+          "draft": drafter.decoding_draft(draft, unroll)}
+
+
+def capacity(width, fcfg, dcfg=DCFG):
+  return width + fcfg.max_new_tokens + 2 * dcfg.block_size
+
+
+def run_flex(cfg, params, prompts, fcfg, stops=(-1,), *, dcfg=DCFG, key=0, bucket=BUCKET,
+             costs=None, exe=None):
+  """One flex_generate call (or a call of `exe`, its compile_flex). Returns (rows, summary)."""
+  prompt_BP, lens = generate_lib.pad_prompts(prompts, bucket)
+  cache = model_lib.KVCache.zeros(cfg, len(prompts), capacity(prompt_BP.shape[1], fcfg, dcfg))
+  args = (params, cache, prompt_BP, lens, generate_lib.stop_matrix(list(stops), len(prompts)),
+          jax.random.key(key), costs)
+  if exe is None:
+    tokens, num_new, st, _ = flex.flex_generate(*args, cfg=cfg, dcfg=dcfg, fcfg=fcfg)
+  else:
+    tokens, num_new, st, _ = exe(*args)
+  tokens, num_new = np.asarray(tokens), np.asarray(num_new)
+  for b, n in enumerate(num_new):  # -1 exactly after each row's end
+    assert 1 <= n <= fcfg.max_new_tokens
+    assert (tokens[b, :n] >= 0).all() and (tokens[b, n:] == -1).all()
+  np.testing.assert_array_equal(np.asarray(st.committed), num_new)
+  return [tokens[b, :n].tolist() for b, n in enumerate(num_new)], flex.summarize(st)
+
+
+def run_ar(cfg, target, prompts, max_new, stops=(-1,), bucket=BUCKET):
+  prompt_BP, lens = generate_lib.pad_prompts(prompts, bucket)
+  cache = model_lib.KVCache.zeros(cfg, len(prompts), prompt_BP.shape[1] + max_new)
+  tokens, num_new, _, _ = generate_lib.generate(
+      target, cache, prompt_BP, lens, generate_lib.stop_matrix(list(stops), len(prompts)),
+      jax.random.key(0), cfg=cfg, max_new_tokens=max_new, sampling=SamplingConfig())
+  return [np.asarray(tokens)[b, :n].tolist() for b, n in enumerate(np.asarray(num_new))]
+
+
+@jax.jit(static_argnames=("cfg",))
+def _last_logits(params, tokens_1T, *, cfg):
+  return model_lib.forward(params, cfg, tokens_1T)[0][0, -1]
+
+
+def near_ties(cfg, target, prompts, want, got) -> int:
+  """Rows where flex differs from AR greedy; fails unless each first divergence is a near tie."""
+  ties = 0
+  for p, w, g in zip(prompts, want, got):
+    if w == g:
+      continue
+    j = next((i for i, (a, b) in enumerate(zip(w, g)) if a != b), min(len(w), len(g)))
+    assert j < min(len(w), len(g)), f"same tokens, different lengths: {w} vs {g}"
+    top2 = np.sort(np.asarray(_last_logits(target, np.array([p + w[:j]]), cfg=cfg)))[-2:]
+    margin = (top2[1] - top2[0]) / max(abs(top2[1]), 1.0)
+    assert margin < EPS_TIE, f"divergence at token {j} with top-2 margin {margin:.2e}: {w} vs {g}"
+    ties += 1
+  if ties:
+    print(f"{ties} near tie(s) within EPS_TIE={EPS_TIE}")
+  return ties
+
+
+# ----------------------------------------------------------------------------
+# 1. Greedy is lossless with a random drafter (tiny models, ragged, stops, M mid-block)
+# ----------------------------------------------------------------------------
+CASES = [("parallel", 1, "llama", "full"), ("sequential", 3, "llama", "min_confidence"),
+         ("flex", 8, "qwen3", "cumulative_product"), ("ar", 8, "qwen3", "full")]
+
+
+def case_config(mode, strategy):
+  return flex.FlexConfig(mode=mode, verify_strategy=strategy, verify_threshold=0.05,
+                         max_new_tokens=M)
+
+
+USED = {"ar": set(), "parallel": {"parallel"}, "sequential": {"sequential"},
+        # flex at batch 8: sequential while more than FLEX_BATCH_THRESHOLD rows are active
+        "flex": {"parallel", "sequential"}}
+
+
+@pytest.fixture(scope="module")
+def greedy_setup(tiny_model):
+  """Per family: (cfg, params, 8 ragged prompts, unstopped AR output, per-row stop ids)."""
+  out = {}
+  for family in sorted({c[2] for c in CASES}):
+    cfg, target = tiny_model(family)
+    params = decoding(target, noisy_drafter(cfg, DCFG, target, seed=3))
+    rng = np.random.RandomState(11)
+    prompts = [rng.randint(0, cfg.vocab_size, n).tolist() for n in (5, 1, 9, 16, 3, 12, 7, 2)]
+    ar = run_ar(cfg, params["target"], prompts, M)
+    # Rows 0 and 1 run to M; the others stop at a token they first emit mid-run (found
+    # from the AR output), or at their first token if there is none.
+    stops = [[-1], [-1]]
+    for row in ar[2:]:
+      firsts = [t for i, t in enumerate(row) if row.index(t) == i and 2 <= i < M - 2]
+      stops.append([firsts[len(firsts) // 2] if firsts else row[0]])
+    out[family] = cfg, params, prompts, ar, stops
+  return out
+
+
+@pytest.mark.parametrize("mode,batch,family,strategy", CASES)
+def test_greedy_lossless_random_drafter(greedy_setup, mode, batch, family, strategy):
+  cfg, params, prompts, ar, stops = greedy_setup[family]
+  fcfg = case_config(mode, strategy)
+  got, summary = run_flex(cfg, params, prompts[:batch], fcfg, stops[:batch])
+  want = [r[:r.index(s[0]) + 1] if s[0] in r else r for r, s in zip(ar, stops[:batch])]
+  near_ties(cfg, params["target"], prompts[:batch], want, got)
+  assert summary["tau"] >= 1.0 and summary["steps"] <= M
+  assert batch == 1 or min(len(w) for w in want) < M, "no row stopped mid-run"
+  assert {k for k, n in summary["modes"].items() if n} == USED[mode]
+  assert mode != "ar" or summary["tau"] == 1.0
+
+
+def test_read_only_passes_match_the_writing_forwards(greedy_setup):
+  """flex's passes + one write == drafter.mixed_forward and model.forward (on a filled cache)."""
+  cfg, params, prompts, _, _ = greedy_setup["llama"]
+  prompt_BP, lens = generate_lib.pad_prompts(prompts[:3], BUCKET)
+
+  @jax.jit
+  def both(params, cache, tokens, anchors):
+    _, cache = model_lib.forward(params["target"], cfg, prompt_BP, cache=cache, advance=lens)
+    anchors = anchors + cache.lengths[:, None]
+    logits, h, kv = flex.mixed_pass(params, cfg, DCFG, tokens, anchors, cache)
+    mixed = (logits, h, flex._write(cache, kv, 2))
+    logits, kv = flex.target_pass(params["target"], cfg, tokens, cache)
+    target = (logits, flex._write(cache, kv, 2))
+    return ((mixed, drafter.mixed_forward(params, cfg, DCFG, tokens, anchors, cache)),
+            (target, model_lib.forward(params["target"], cfg, tokens, cache=cache)))
+
+  tokens = np.array([[1, 2], [3, 4], [5, 6]], np.int32)
+  anchors = np.array([[-1, 0, 1]] * 3, np.int32)
+  for got, want in both(params, model_lib.KVCache.zeros(cfg, 3, 64), tokens, anchors):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
+
+
+# ----------------------------------------------------------------------------
+# 2. An exact drafter: a bigram target whose greedy output settles on a token C,
+#    and a drafter that always drafts C (full acceptance, in-block stops and cuts)
+# ----------------------------------------------------------------------------
+BIGRAM = ModelConfig(family="llama", vocab_size=32, hidden_size=64, intermediate_size=96,
+                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                     max_position=256)
+C = BIGRAM.vocab_size - 1
+
+
+def successor(x):
+  return min(x + 3, C)
+
+
+@pytest.fixture(scope="module")
+def bigram():
+  """Layers that add nothing (o_proj = down_proj = 0), so the logits depend on the last
+  token only; an LM head solved so that argmax = successor, with margin 8."""
+  cfg = BIGRAM
+  target = random_params(cfg, seed=5)
+  for name, part in (("attn", "o_proj"), ("mlp", "down_proj")):
+    target["layers"][name][part]["kernel"] = jnp.zeros_like(target["layers"][name][part]["kernel"])
+  h = np.asarray(model_lib.final_hidden(target, cfg, target["embed"]["embedding"]))  # [V, d]
+  want = 8.0 * np.eye(cfg.vocab_size)[[successor(x) for x in range(cfg.vocab_size)]]
+  target["lm_head"]["kernel"] = jnp.asarray(np.linalg.lstsq(h, want, rcond=None)[0], jnp.float32)
+  draft = drafter.init_draft(cfg, DCFG, target, jax.random.key(0))
+  draft["mask"] = target["embed"]["embedding"][C]  # slot state = E[C]: drafts successor(C) = C
+  return cfg, decoding(target, draft)
+
+
+BIGRAM_FLEX = flex.FlexConfig(mode="flex", max_new_tokens=23)
+
+
+@pytest.fixture(scope="module")
+def bigram_exe(bigram):
+  """compile_flex of the bigram runs, with an on_commit that records: (exe, commits)."""
+  cfg, params = bigram
+  commits = []
+  record = lambda *a: commits.append([np.asarray(x) for x in a])
+  exe = flex.compile_flex(params, cfg, DCFG, 4, BUCKET, capacity(BUCKET, BIGRAM_FLEX), 1,
+                          fcfg=BIGRAM_FLEX, on_commit=record)
+  return exe, commits
+
+
+def test_exact_drafter_full_acceptance(bigram, bigram_exe):
+  cfg, params = bigram
+  exe, commits = bigram_exe
+  prompts = [[4, 9, 0], [7, 1], [2, 2, 2, 2, 29], [5, 2]]
+  stops = [[-1], [13], [-1], [C]]
+  fcfg = BIGRAM_FLEX
+  commits.clear()
+  got, summary = run_flex(cfg, params, prompts, fcfg, stops, exe=exe)
+  for p, s, row in zip(prompts, stops, got):
+    want = [successor(p[-1])]
+    while len(want) < fcfg.max_new_tokens and want[-1] not in s:
+      want.append(successor(want[-1]))
+    assert row == want
+  bs = DCFG.block_size
+  assert summary["tau"] > 1.5
+  assert summary["accept_hist"][bs] > 0 and summary["acceptance_by_depth"][bs - 1] > 0
+  assert summary["modes"]["parallel"] and summary["modes"]["sequential"]
+  # Streaming: the callback's blocks rebuild the output; some block was cut before its bonus.
+  streamed = [[] for _ in prompts]
+  cut = False
+  for tokens, count, drafted in commits:
+    for b in range(len(prompts)):
+      streamed[b] += tokens[b, :count[b]].tolist()
+      assert (tokens[b, count[b]:] == -1).all() and drafted[b] <= count[b]
+      cut |= bool(0 < count[b] == drafted[b])
+  assert streamed == got and cut
+
+
+def test_cache_is_not_copied(bigram, bigram_exe):
+  """No cache-sized copy in the compiled loop: the conditional branches only read the
+  cache, and every write is in place (cf. test_cache_copies for generate)."""
+  cfg, _ = bigram
+  text = bigram_exe[0].as_text()
+  cache = jax.eval_shape(lambda: model_lib.KVCache.zeros(cfg, 4, capacity(BUCKET, BIGRAM_FLEX)))
+  dims = ",".join(map(str, cache.k.shape))
+  copy = re.compile(rf"\s*(ROOT )?%\S+ = f32\[{dims}\]\S* copy\(")
+  copies = [line for line in text.splitlines() if copy.match(line)]
+  assert "dynamic-update-slice" in text and not copies, copies
+
+
+# ----------------------------------------------------------------------------
+# 3. Speculative sampling keeps the target's law (exact, by enumeration)
+# ----------------------------------------------------------------------------
+SMALL = ModelConfig(family="llama", vocab_size=12, hidden_size=16, intermediate_size=32,
+                    num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, rms_norm_eps=1e-6,
+                    max_position=64)
+SAMPLE_DCFG = drafter.DrafterConfig(num_draft_layers=1, block_size=2, calib_rank=8)
+SAMPLE_ROWS = 2        # rows per flex_generate call (they share each step's mode and width)
+SAMPLE_CALLS = 10240   # independent calls, vmapped into one program: 20480 samples
+SAMPLE_PROMPT = [3, 1, 4, 1, 5]
+
+
+@pytest.fixture(scope="module")
+def small():
+  target = random_params(SMALL, seed=9)
+  target["lm_head"]["kernel"] = 2.0 * target["lm_head"]["kernel"]  # peakier, less uniform laws
+  draft = noisy_drafter(SMALL, SAMPLE_DCFG, target, seed=4, noise=1.0)
+  return SMALL, target, decoding(target, draft)
+
+
+@jax.jit(static_argnames=("cfg",))
+def _logits(params, tokens_BT, *, cfg):
+  return model_lib.forward(params, cfg, tokens_BT)[0]
+
+
+def exact_law(cfg, target, sampling, k=3):
+  """P(first k tokens) [V]*k from one no-cache pass over every (k-1)-token continuation."""
+  v, n = cfg.vocab_size, len(SAMPLE_PROMPT)
+  seqs = [SAMPLE_PROMPT + list(p) for p in itertools.product(range(v), repeat=k - 1)]
+  logits = _logits(target, jnp.asarray(seqs, jnp.int32), cfg=cfg)[:, n - 1:]
+  probs = np.asarray(probabilities(logits, sampling), np.float64)  # [V^(k-1), k, V]
+  joint = np.ones(())
+  for i in range(k):  # P(x_{i+1} | x_1..x_i): rows whose later tokens are 0
+    cond = probs[:, i].reshape((v,) * k)[(slice(None),) * i + (0,) * (k - 1 - i)]
+    joint = joint[..., None] * cond
+  return joint
+
+
+def sample_counts(cfg, params, fcfg, costs=None, broken=False, k=3):
+  """First k tokens of SAMPLE_CALLS x SAMPLE_ROWS rows, counted [V]*k, and FlexStats.
+
+  Calls are vmapped: a large real batch compiles one cache write per row, slowly.
+  """
+  prompt_BP, lens = generate_lib.pad_prompts([SAMPLE_PROMPT] * SAMPLE_ROWS, 8)
+  stops = generate_lib.stop_matrix([-1], SAMPLE_ROWS)
+  cache = model_lib.KVCache.zeros(cfg, SAMPLE_ROWS, capacity(8, fcfg, SAMPLE_DCFG))
+  caches = jax.tree.map(lambda a: jnp.broadcast_to(a, (SAMPLE_CALLS,) + a.shape), cache)
+  many = _vmapped(cfg, fcfg, broken)
+  tokens, num_new, st, _ = many(params, caches, prompt_BP, lens, stops,
+                                jax.random.split(jax.random.key(0), SAMPLE_CALLS), costs)
+  assert (np.asarray(num_new) == k).all()
+  counts = np.zeros((cfg.vocab_size,) * k, np.int64)
+  np.add.at(counts, tuple(np.asarray(tokens).reshape(-1, k).T), 1)
+  return counts, jax.tree.map(lambda a: np.asarray(a).sum(0), st)
+
+
+@functools.cache
+def _vmapped(cfg, fcfg, broken):
+  call = functools.partial(flex.flex_generate, cfg=cfg, dcfg=SAMPLE_DCFG, fcfg=fcfg, _broken=broken)
+  return jax.jit(jax.vmap(call, in_axes=(None, 0, None, None, None, 0, None)))
+
+
+def law_pvalue(counts, law):
+  """Chi-square p-value of counts against law, cells with expected count < 5 pooled."""
+  counts, law = counts.ravel(), law.ravel()
+  assert counts[law == 0].sum() == 0, "sampled a token the target never draws"
+  expected = law * counts.sum()
+  big = expected >= 5
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(expected[big], expected[~big].sum())
+  stat = np.sum((obs - exp) ** 2 / np.maximum(exp, 1e-12))
+  return scipy_stats.chi2.sf(stat, len(obs) - 1)
+
+
+def pair_pvalues(counts, law):
+  """p-values of the pairs (x1, x2) and (x2, x3)."""
+  return [law_pvalue(counts.sum(2), law.sum(2)), law_pvalue(counts.sum(0), law.sum(0))]
+
+
+T1 = SamplingConfig(temperature=1.0)
+# Step costs [mode, verify width] growing with the width, so widths vary with confidence.
+COSTS = {"parallel": np.array([[1.0, 1.5], [5.0, 5.0]], np.float32),
+         "sequential": np.array([[5.0, 5.0], [1.0, 1.2]], np.float32)}
+
+
+@pytest.mark.parametrize("favoured", ["parallel", "sequential"])
+def test_speculative_sampling_law(small, favoured):
+  """First 3 tokens of 20480 rows (T=1) vs the exact law; 'flex' with expected_throughput
+  picks the mode and verify width per step from the cost table (a traced argument)."""
+  cfg, target, params = small
+  fcfg = flex.FlexConfig(mode="flex", verify_strategy="expected_throughput", max_new_tokens=3,
+                         sampling=T1)
+  counts, st = sample_counts(cfg, params, fcfg, COSTS[favoured])
+  assert min(pair_pvalues(counts, exact_law(cfg, target, T1))) > 1e-4
+  other = 1 - ("parallel", "sequential").index(favoured)
+  assert st.modes[other] == 0 and st.modes[1 - other] > 0
+  assert (st.verify_hist > 0).sum() > 1, st.verify_hist  # more than one width was chosen
+
+
+def test_speculative_sampling_law_top_p(small):
+  cfg, target, params = small
+  sampling = SamplingConfig(temperature=1.0, top_p=0.8)
+  fcfg = flex.FlexConfig(mode="sequential", verify_strategy="full", max_new_tokens=3,
+                         sampling=sampling)
+  counts, _ = sample_counts(cfg, params, fcfg)
+  assert min(pair_pvalues(counts, exact_law(cfg, target, sampling))) > 1e-4
+
+
+def test_sampling_statistic_rejects_a_broken_acceptor(small):
+  """A rejection that resamples from p instead of norm(max(0, p - q)) must fail the test."""
+  cfg, target, params = small
+  fcfg = flex.FlexConfig(mode="parallel", verify_strategy="full", max_new_tokens=3, sampling=T1)
+  counts, _ = sample_counts(cfg, params, fcfg, broken=True)
+  assert min(pair_pvalues(counts, exact_law(cfg, target, T1))) < 1e-6
+
+
+# ----------------------------------------------------------------------------
+# 4. No recompiles across calls of one shape bucket
+# ----------------------------------------------------------------------------
+def test_no_recompiles(greedy_setup):
+  """New prompts of one shape bucket reuse test 1's flex program (or compile it once here)."""
+  cfg, params, prompts, _, stops = greedy_setup["qwen3"]
+  fcfg = case_config("flex", "cumulative_product")
+  run_flex(cfg, params, prompts, fcfg, stops)
+  size = flex.flex_generate._cache_size()
+  compiles = []
+  listener = lambda event, *_, **__: compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for shift in (1, 3):
+      run_flex(cfg, params, prompts[shift:] + prompts[:shift], fcfg, stops[::-1], key=shift)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert "/jax/core/compile/backend_compile_duration" not in compiles
+  assert flex.flex_generate._cache_size() == size
+
+
+# ----------------------------------------------------------------------------
+# 5. Bad input
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("t", [0.0, -0.5, 1.5])
+def test_threshold_outside_unit_interval(t):
+  with pytest.raises(ValueError, match=f"verify_threshold.*{t}"):
+    flex.FlexConfig(verify_threshold=t)
+
+
+def test_draft_params_must_match_config(bigram):
+  cfg, params = bigram
+  fcfg = flex.FlexConfig(max_new_tokens=4)
+  for dcfg, match in ((dataclasses.replace(DCFG, num_draft_layers=2), "draft layers"),
+                      (dataclasses.replace(DCFG, calib_rank=16), "calibration rank")):
+    with pytest.raises(ValueError, match=match):
+      run_flex(cfg, params, [[1, 2]], fcfg, dcfg=dcfg)
+
+
+def test_prompt_longer_than_cache(bigram):
+  cfg, params = bigram
+  fcfg = flex.FlexConfig(max_new_tokens=4)
+  prompt_BP, lens = generate_lib.pad_prompts([[1] * 40], BUCKET)
+  cache = model_lib.KVCache.zeros(cfg, 1, 40)
+  with pytest.raises(ValueError, match="capacity 40 is below the padded prompt width 48"):
+    flex.flex_generate(params, cache, prompt_BP, lens, generate_lib.stop_matrix([-1], 1),
+                       jax.random.key(0), cfg=cfg, dcfg=DCFG, fcfg=fcfg)
+
+
+def test_expected_throughput_needs_costs(bigram):
+  cfg, params = bigram
+  fcfg = flex.FlexConfig(verify_strategy="expected_throughput", max_new_tokens=4)
+  with pytest.raises(ValueError, match="cost table"):
+    run_flex(cfg, params, [[1, 2]], fcfg)
+
+
+# ----------------------------------------------------------------------------
+# SmolLM2 with real prompts (random drafter: tau ~ 1, losslessness is the point)
+# ----------------------------------------------------------------------------
+SMOL_DCFG = drafter.DrafterConfig(num_draft_layers=4, block_size=4, calib_rank=16)
+SMOL_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2, mtbench_prompt_ids):
+  """Stacked layers (scan): compile time flat in depth, which dominates here."""
+  cfg, target = smollm2
+  draft = drafter.init_draft(cfg, SMOL_DCFG, target, jax.random.key(0))
+  params = decoding(target, draft, unroll=False)
+  prompts = mtbench_prompt_ids[:4]
+  ar = run_ar(cfg, params["target"], prompts, SMOL_NEW, stops=(SMOLLM2_EOS,), bucket=128)
+  return cfg, params, prompts, ar
+
+
+@pytest.mark.parametrize("favoured", ["parallel", "sequential"])
+def test_smollm2_greedy_lossless(smol, favoured):
+  """Batch 4, 'flex' steered by the (traced) cost table: one program, both modes."""
+  cfg, params, prompts, ar = smol
+  fcfg = flex.FlexConfig(mode="flex", verify_strategy="full", max_new_tokens=SMOL_NEW)
+  costs = np.array([[1.0] * 3, [2.0] * 3], np.float32)
+  costs = costs if favoured == "parallel" else costs[::-1].copy()
+  got, summary = run_flex(cfg, params, prompts, fcfg, (SMOLLM2_EOS,), dcfg=SMOL_DCFG, bucket=128,
+                          costs=costs)
+  near_ties(cfg, params["target"], prompts, ar, got)
+  print(f"SmolLM2, random drafter, {favoured}: {summary}")
+  assert summary["modes"][favoured] == summary["steps"]
+  assert 1.0 <= summary["tau"] < 1.5
