@@ -239,33 +239,29 @@ def calibration(params: Params, cfg: ModelConfig, h_BJD, bonus_BJ) -> jax.Array:
 # ----------------------------------------------------------------------------
 # Decoding pass: clean tokens + groups of mask slots, one forward
 # ----------------------------------------------------------------------------
-def mixed_forward(params: Params, cfg: ModelConfig, dcfg: DrafterConfig, tokens_BT, anchors_BG,
-                  cache: model_lib.KVCache, advance=None):
+def mixed_pass(params: Params, cfg: ModelConfig, dcfg: DrafterConfig, tokens_BT, anchors_BG,
+               cache: model_lib.KVCache):
   """Clean tokens at each row's cache length, plus G blocks of mask slots.
 
   Block g is anchored at clean position anchors_BG[:, g] (a cached or current
-  clean token). Only the clean tokens' keys/values are written to the cache,
-  and lengths grow by `advance` ([B], default T). Returns
-  (clean logits [B,T,V] f32, final-normed slot states [B,G,Bs,d], cache).
+  clean token). Reads the cache; returns (clean logits [B,T,V] f32,
+  final-normed slot states [B,G,Bs,d], clean (k, v) [L,B,T,K,H]) for the
+  caller to write (`KVCache.append`): mask slots never enter the cache.
   """
   target, draft = params["target"], params["draft"]
   b, t = tokens_BT.shape
   g = anchors_BG.shape[1]
-  pos_c = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-  clean = Tokens.clean(pos_c)
+  clean = Tokens.clean(model_lib.next_positions(cache, t))
   slots = Tokens.slots(anchors_BG, dcfg.block_size)
   every = clean.concat(slots)
-  s = dcfg.split(cfg)
   x, (k0, v0) = model_lib.run_layers(cfg, target["layers"], model_lib.embed(target, cfg, tokens_BT),
-                                     pos_c, visibility(clean, clean), cache, 0, s)
+                                     clean.pos, visibility(clean, clean), cache, 0, dcfg.split(cfg))
   x_c, x_s, (k1, v1) = run_dual_layers(
       cfg, dcfg, target["layers"], draft["layers"], x, slot_inputs(draft, cfg, b, g * dcfg.block_size),
-      pos_c, slots.pos, visibility(every, every), cache)
+      clean.pos, slots.pos, visibility(every, every), cache)
   logits = model_lib.lm_logits(target, cfg, model_lib.final_hidden(target, cfg, x_c))
   h_s = model_lib.final_hidden(target, cfg, x_s).reshape(b, g, dcfg.block_size, -1)
-  cache = cache.write(jnp.concatenate([k0, k1]), jnp.concatenate([v0, v1]))
-  advance = jnp.full((b,), t, jnp.int32) if advance is None else advance
-  return logits, h_s, cache.replace(lengths=cache.lengths + advance)
+  return logits, h_s, (jnp.concatenate([k0, k1]), jnp.concatenate([v0, v1]))
 
 
 # ----------------------------------------------------------------------------

@@ -14,6 +14,11 @@ L_0 = the last logits and L_i = the target's logits at draft i-1, then drafts:
   drafts are [b] + slots 1.. of group acc, calibrated with b;
 - sequential: a target pass over the V drafts, then a pass whose clean token is
   b (cached once) with one block anchored at b.
+- pld (prompt lookup decoding, training-free): the drafts are the tokens that
+  followed the latest earlier match of the row's last n committed tokens
+  (n in PLD_NGRAMS, longest first) in its prompt + generated history, with
+  confidence 1 (0 past them); each step is one target pass over [b] + drafts,
+  b committed and uncached as in a parallel step. The draft params are unused.
 Every row may verify all V drafts of the pass: the pass costs the same, so
 per-row verify lengths only pick the bucket.
 
@@ -39,14 +44,15 @@ from flexdraft_jax import model as model_lib
 from flexdraft_jax.model_config import ModelConfig
 from flexdraft_jax.sampling import SamplingConfig, probabilities, sample
 
-MODES = ("ar", "parallel", "sequential", "flex")
+MODES = ("ar", "parallel", "sequential", "flex", "pld")
 STRATEGIES = ("min_confidence", "cumulative_product", "expected_throughput", "full")
 VERIFY_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # static verify widths (see `verify_buckets`)
 # 'flex' without a cost table: parallel while at most this many rows are active, else
 # sequential (the paper finds parallel best at batch <= 2 on Qwen3-8B/A100). Done rows
 # still ride in the static batch, so a measured cost table is the better guide.
 FLEX_BATCH_THRESHOLD = 2
-PARALLEL, SEQUENTIAL = 0, 1  # rows of the cost table and of FlexStats.modes
+PARALLEL, SEQUENTIAL, PLD = 0, 1, 2  # rows of the cost table (PLD: none) and of FlexStats.modes
+PLD_NGRAMS = (3, 2)  # n-gram sizes pld looks up, longest first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +89,7 @@ class FlexStats:
   tried: jax.Array           # [Bs] row-steps whose pass verified draft k (k = 0 is the
                              #      first draft after the last bonus)
   accepted: jax.Array        # [Bs] ... that accepted drafts 0..k
-  modes: jax.Array           # [2] steps in parallel / sequential mode
+  modes: jax.Array           # [3] steps in parallel / sequential / pld mode
   verify_hist: jax.Array     # [len(verify_buckets)] steps per verify width
 
   @classmethod
@@ -91,7 +97,7 @@ class FlexStats:
     z = lambda *s: jnp.zeros(s, jnp.int32)
     return cls(steps=z(), forward_passes=z(), row_steps=z(batch), committed=z(batch),
                accept_hist=z(block_size + 1), tried=z(block_size), accepted=z(block_size),
-               modes=z(2), verify_hist=z(len(verify_buckets(block_size))))
+               modes=z(3), verify_hist=z(len(verify_buckets(block_size))))
 
 
 def summarize(stats: FlexStats) -> dict[str, Any]:
@@ -103,7 +109,7 @@ def summarize(stats: FlexStats) -> dict[str, Any]:
           "steps": int(s.steps), "forward_passes": int(s.forward_passes),
           "new_tokens": int(s.committed.sum()), "acceptance_by_depth": rate.tolist(),
           "accept_hist": s.accept_hist.tolist(),
-          "modes": dict(zip(("parallel", "sequential"), s.modes.tolist())),
+          "modes": dict(zip(("parallel", "sequential", "pld"), s.modes.tolist())),
           "verify_hist": s.verify_hist.tolist()}
 
 
@@ -183,51 +189,31 @@ def verify(key, logits_BKV, drafts_BK, q_BKV, sampling: SamplingConfig, broken: 
   return acc, jax.random.categorical(k_b, jnp.log(resid), axis=-1).astype(jnp.int32)
 
 
+def lookup_drafts(history_BH, length_B, k: int):
+  """Prompt lookup: ([B, k] drafts, [B, k] conf 1/0). The drafts are the tokens that
+  followed the latest earlier occurrence of the last n of history[:length] (n in
+  PLD_NGRAMS, longest first), within history[:length]; conf 0 past them or without one."""
+  h = history_BH.shape[1]
+  i = jnp.arange(h)[None]
+  found, start = jnp.zeros(length_B.shape, bool), jnp.zeros_like(length_B)
+  for n in PLD_NGRAMS:
+    tail = jnp.take_along_axis(history_BH, jnp.maximum(length_B[:, None] - n + jnp.arange(n), 0),
+                               axis=1)
+    hit = (i + n < length_B[:, None]) & (length_B[:, None] >= n)
+    for j in range(n):
+      hit &= jnp.roll(history_BH, -j, axis=1) == tail[:, j:j + 1]
+    latest = jnp.max(jnp.where(hit, i, -1), axis=1)
+    start = jnp.where(found | (latest < 0), start, latest + n)
+    found |= latest >= 0
+  pos = start[:, None] + jnp.arange(k)[None]
+  drafts = jnp.take_along_axis(history_BH, jnp.minimum(pos, h - 1), axis=1)
+  conf = (found[:, None] & (pos < length_B[:, None])).astype(jnp.float32)
+  return jnp.where(conf > 0, drafts, 0), conf
+
+
 def _delta(tokens_B, vocab: int):
   """Logits that put all mass on tokens_B: 0 there, -inf elsewhere."""
   return jnp.where(jnp.arange(vocab)[None] == tokens_B[:, None], 0.0, -jnp.inf)
-
-
-# ----------------------------------------------------------------------------
-# Passes that read the cache and return their keys/values instead of writing them
-# ----------------------------------------------------------------------------
-def _positions(cache: model_lib.KVCache, t: int):
-  return cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-
-
-def target_pass(target, cfg: ModelConfig, tokens_BT, cache: model_lib.KVCache):
-  """`model.forward` without its write: (logits [B,T,V], (k, v) [L,B,T,K,H])."""
-  b, t = tokens_BT.shape
-  x, kv = model_lib.run_layers(cfg, target["layers"], model_lib.embed(target, cfg, tokens_BT),
-                               _positions(cache, t),
-                               jnp.broadcast_to(model_lib.causal_mask(t), (b, t, t)), cache)
-  return model_lib.lm_logits(target, cfg, model_lib.final_hidden(target, cfg, x)), kv
-
-
-def mixed_pass(params, cfg: ModelConfig, dcfg: drafter.DrafterConfig, tokens_BT, anchors_BG,
-               cache: model_lib.KVCache):
-  """`drafter.mixed_forward` without its write: (logits, slot states [B,G,Bs,d], (k, v))."""
-  target, draft = params["target"], params["draft"]
-  b, t = tokens_BT.shape
-  clean = drafter.Tokens.clean(_positions(cache, t))
-  slots = drafter.Tokens.slots(anchors_BG, dcfg.block_size)
-  every = clean.concat(slots)
-  x, (k0, v0) = model_lib.run_layers(cfg, target["layers"], model_lib.embed(target, cfg, tokens_BT),
-                                     clean.pos, drafter.visibility(clean, clean), cache, 0,
-                                     dcfg.split(cfg))
-  x_c, x_s, (k1, v1) = drafter.run_dual_layers(
-      cfg, dcfg, target["layers"], draft["layers"], x,
-      drafter.slot_inputs(draft, cfg, b, slots.pos.shape[1]), clean.pos, slots.pos,
-      drafter.visibility(every, every), cache)
-  logits = model_lib.lm_logits(target, cfg, model_lib.final_hidden(target, cfg, x_c))
-  h_s = model_lib.final_hidden(target, cfg, x_s).reshape(b, -1, dcfg.block_size, cfg.hidden_size)
-  return logits, h_s, (jnp.concatenate([k0, k1]), jnp.concatenate([v0, v1]))
-
-
-def _write(cache: model_lib.KVCache, kv, advance_B):
-  """Writes kv [L,B,T,K,H] at each row's length, then lengths += advance."""
-  cache = cache.write(*kv)
-  return cache.replace(lengths=cache.lengths + advance_B)
 
 
 # ----------------------------------------------------------------------------
@@ -268,7 +254,10 @@ def flex_generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, st
   m, bs = fcfg.max_new_tokens, dcfg.block_size
   if fcfg.mode == "ar":
     return _ar(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key, cfg, fcfg, bs, on_commit)
-  check_draft(params, cfg, dcfg)
+  if fcfg.mode == "pld" and fcfg.verify_strategy == "expected_throughput":
+    raise ValueError("mode 'pld' has no cost table row: use another verify_strategy")
+  if fcfg.mode != "pld":
+    check_draft(params, cfg, dcfg)
   b, width = prompt_BP.shape
   if cache.capacity < width + m + 2 * bs:
     raise ValueError(f"KV cache capacity {cache.capacity} is below the padded prompt width {width} "
@@ -282,19 +271,44 @@ def flex_generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, st
   sampling = fcfg.sampling
   widths = (bs,) if fcfg.verify_strategy == "full" else all_widths  # compiled verify widths
   column = jnp.array([all_widths.index(w) for w in widths])  # widths -> cost/histogram column
-  modes = {"parallel": (PARALLEL,), "sequential": (SEQUENTIAL,)}.get(fcfg.mode,
-                                                                    (PARALLEL, SEQUENTIAL))
+  modes = {"parallel": (PARALLEL,), "sequential": (SEQUENTIAL,), "pld": (PLD,)}.get(
+      fcfg.mode, (PARALLEL, SEQUENTIAL))
   slot_logits = functools.partial(drafter.slot_logits, params, cfg)
 
   # Prefill: the prompt as clean tokens, one block anchored at each row's last token.
   key, sub = jax.random.split(key)
   cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
-  logits, h, kv = mixed_pass(params, cfg, dcfg, prompt_BP, (prompt_lens_B - 1)[:, None], cache)
+  if fcfg.mode == "pld":  # the target alone; the drafts are looked up in the prompt
+    logits, kv = model_lib.clean_pass(params["target"], cfg, prompt_BP,
+                                      model_lib.next_positions(cache, width),
+                                      jnp.broadcast_to(model_lib.causal_mask(width), (b, width, width)),
+                                      cache)
+  else:
+    logits, h, kv = drafter.mixed_pass(params, cfg, dcfg, prompt_BP, (prompt_lens_B - 1)[:, None],
+                                       cache)
   last = jnp.take_along_axis(logits, (prompt_lens_B - 1)[:, None, None], axis=1)[:, 0]
   zeros = jnp.zeros((b,), jnp.int32)
-  state = FlexState(cache=_write(cache, kv, prompt_lens_B),
-                    cand=candidates(sub, slot_logits(h[:, 0]), sampling, last_logits=last),
-                    tokens=jnp.full((b, m + bs + 1), -1, jnp.int32), num_new=zeros,
+
+  def looked_up(tokens, num_new, bonus=None):
+    """pld candidates from the prompt + tokens[:num_new]: [bonus] + lookups behind a bonus."""
+    i = jnp.arange(width + tokens.shape[1])[None]
+    gen = jnp.take_along_axis(tokens, jnp.clip(i - prompt_lens_B[:, None], 0, tokens.shape[1] - 1),
+                              axis=1)
+    history = jnp.where(i < prompt_lens_B[:, None],
+                        jnp.pad(prompt_BP, ((0, 0), (0, tokens.shape[1]))), gen)
+    drafts, conf = lookup_drafts(history, prompt_lens_B + num_new, bs - (bonus is not None))
+    c = Candidates(last_logits=last, drafts=drafts, conf=conf, q=None, certain=zeros)
+    if bonus is not None:
+      first = lambda a, x: jnp.concatenate([x[:, None], a], axis=1)
+      c = Candidates(last_logits=_delta(bonus, last.shape[-1]), drafts=first(drafts, bonus),
+                     conf=first(conf, jnp.ones((b,), conf.dtype)), q=None, certain=zeros + 1)
+    q = None if sampling.greedy else jax.nn.one_hot(c.drafts, last.shape[-1], dtype=jnp.float32)
+    return c.replace(q=q)
+
+  out0 = jnp.full((b, m + bs + 1), -1, jnp.int32)
+  cand0 = (looked_up(out0, zeros) if fcfg.mode == "pld" else
+           candidates(sub, slot_logits(h[:, 0]), sampling, last_logits=last))
+  state = FlexState(cache=cache.append(kv, prompt_lens_B), cand=cand0, tokens=out0, num_new=zeros,
                     done=jnp.zeros((b,), bool), key=key,
                     stats=FlexStats.zeros(b, bs).replace(forward_passes=jnp.int32(1)))
 
@@ -331,7 +345,7 @@ def flex_generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, st
   def parallel(c: Candidates, cache, keys, width):
     """Verify + draft in one pass; the new drafts are [b] + group acc's calibrated slots."""
     anchors = cache.lengths[:, None] - 1 + jnp.arange(width + 1, dtype=jnp.int32)[None]
-    logits, h, kv = mixed_pass(params, cfg, dcfg, c.drafts[:, :width], anchors, cache)
+    logits, h, kv = drafter.mixed_pass(params, cfg, dcfg, c.drafts[:, :width], anchors, cache)
     acc, bonus = judge(c, logits, width, keys[0])
     h_acc = jnp.take_along_axis(h, acc[:, None, None, None], axis=1)[:, 0, 1:]  # [B, Bs-1, d]
     z = slot_logits(h_acc, jnp.broadcast_to(bonus[:, None], h_acc.shape[:2]))
@@ -339,13 +353,16 @@ def flex_generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, st
 
   def target_verify(c: Candidates, cache, keys, width):
     """Sequential step, pass 1: the target alone verifies (the drafts come from draft_pass)."""
-    logits, kv = target_pass(params["target"], cfg, c.drafts[:, :width], cache)
+    logits, kv = model_lib.clean_pass(params["target"], cfg, c.drafts[:, :width],
+                                      model_lib.next_positions(cache, width),
+                                      jnp.broadcast_to(model_lib.causal_mask(width), (b, width, width)),
+                                      cache)
     acc, bonus = judge(c, logits, width, keys[0])
     return acc, bonus, c, padded(kv, width)
 
   def draft_pass(cache, bonus, key):
     """Sequential step, pass 2: b as a clean token, one block anchored at it."""
-    logits, h, kv = mixed_pass(params, cfg, dcfg, bonus[:, None], cache.lengths[:, None], cache)
+    logits, h, kv = drafter.mixed_pass(params, cfg, dcfg, bonus[:, None], cache.lengths[:, None], cache)
     return candidates(key, slot_logits(h[:, 0]), sampling, last_logits=logits[:, 0]), kv
 
   branches = [functools.partial(parallel if mode == PARALLEL else target_verify, width=w)
@@ -361,7 +378,7 @@ def flex_generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, st
     key, k_verify, k_draft = jax.random.split(s.key, 3)
     acc, bonus, cand, kv = lax.switch((mode - modes[0]) * len(widths) + bucket, branches, s.cand,
                                       s.cache, (k_verify, k_draft))
-    cache = _write(s.cache, kv, acc * on)
+    cache = s.cache.append(kv, acc * on)
     if SEQUENTIAL in modes:
       if modes == (SEQUENTIAL,):
         cand, kv = draft_pass(cache, bonus, k_draft)
@@ -369,7 +386,7 @@ def flex_generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, st
         skip = lambda cache: (cand, jax.tree.map(lambda a: jnp.zeros_like(a[:, :, :1]), kv))
         cand, kv = lax.cond(mode == SEQUENTIAL, lambda cache: draft_pass(cache, bonus, k_draft),
                             skip, cache)
-      cache = _write(cache, kv, on * (mode == SEQUENTIAL))
+      cache = cache.append(kv, on * (mode == SEQUENTIAL))
     # Committed: drafts[certain..acc-1], then the bonus; cut at a stop token and at M.
     j = jnp.arange(bs + 1)[None]
     certain, drafted = s.cand.certain, acc - s.cand.certain
@@ -389,12 +406,14 @@ def flex_generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, st
     verified = jnp.array(widths)[bucket] - certain  # drafts after the bonus in this pass
     st = st.replace(
         steps=st.steps + 1, row_steps=st.row_steps + on,
-        forward_passes=st.forward_passes + jnp.where(mode == PARALLEL, 1, 2),
+        forward_passes=st.forward_passes + jnp.where(mode == SEQUENTIAL, 2, 1),
         committed=st.committed + count, accept_hist=st.accept_hist.at[drafted].add(on),
         tried=st.tried + jnp.sum(on[:, None] * (depth < verified[:, None]), axis=0),
         accepted=st.accepted + jnp.sum(on[:, None] * (depth < drafted[:, None]), axis=0),
         modes=st.modes.at[mode].add(1), verify_hist=st.verify_hist.at[column[bucket]].add(1))
     num_new = s.num_new + count
+    if fcfg.mode == "pld":
+      cand = looked_up(out, num_new, bonus)
     done = s.done | (active & stop.any(1)) | (num_new >= m)
     return FlexState(cache=cache, cand=cand, tokens=out, num_new=num_new, done=done, key=key,
                      stats=st)

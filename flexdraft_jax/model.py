@@ -73,6 +73,10 @@ class KVCache:
       v = lax.dynamic_update_slice(v, v_new[:, b:b + 1], start)
     return self.replace(k=k, v=v)
 
+  def append(self, kv, advance_B) -> "KVCache":
+    """Writes kv = (k, v) [l, B, T, K, H] at each row's length, then lengths += advance_B."""
+    return self.write(*kv).replace(lengths=self.lengths + advance_B)
+
 
 # ----------------------------------------------------------------------------
 # Layers
@@ -346,6 +350,24 @@ def causal_mask(t: int) -> jax.Array:
   return jnp.tril(jnp.ones((t, t), bool))[None]
 
 
+def clean_pass(params: Params, cfg: ModelConfig, tokens_BT, positions_BT, mask_BTS,
+               cache: KVCache | None = None):
+  """All layers over clean tokens, reading (not writing) the cache: (logits f32, (k, v)).
+
+  Decoding loops write the returned keys/values themselves (`KVCache.append`),
+  outside any `lax.cond`/`lax.switch`: XLA copies a cache that is written
+  inside a conditional branch, whole, on every step.
+  """
+  x, kv = run_layers(cfg, params["layers"], embed(params, cfg, tokens_BT), positions_BT, mask_BTS,
+                     cache)
+  return lm_logits(params, cfg, final_hidden(params, cfg, x)), kv
+
+
+def next_positions(cache: KVCache, t: int) -> jax.Array:
+  """[B, T] positions of T new tokens after each row's cached ones."""
+  return cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+
+
 def forward(params: Params, cfg: ModelConfig, tokens_BT, positions_BT=None,
             cache: KVCache | None = None, mask_BTS=None, advance=None):
   """Full clean forward pass: `(logits [B,T,V] f32, new_cache)`.
@@ -356,15 +378,11 @@ def forward(params: Params, cfg: ModelConfig, tokens_BT, positions_BT=None,
   """
   b, t = tokens_BT.shape
   if positions_BT is None:
-    base = cache.lengths[:, None] if cache is not None else jnp.zeros((b, 1), jnp.int32)
-    positions_BT = base + jnp.arange(t, dtype=jnp.int32)[None]
+    positions_BT = (next_positions(cache, t) if cache is not None
+                    else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
   if mask_BTS is None:
     mask_BTS = jnp.broadcast_to(causal_mask(t), (b, t, t))
-  x, (k, v) = run_layers(cfg, params["layers"], embed(params, cfg, tokens_BT), positions_BT,
-                         mask_BTS, cache)
-  logits = lm_logits(params, cfg, final_hidden(params, cfg, x))
+  logits, kv = clean_pass(params, cfg, tokens_BT, positions_BT, mask_BTS, cache)
   if cache is None:
     return logits, None
-  cache = cache.write(k, v)
-  advance = jnp.full((b,), t, jnp.int32) if advance is None else advance
-  return logits, cache.replace(lengths=cache.lengths + advance)
+  return logits, cache.append(kv, jnp.full((b,), t, jnp.int32) if advance is None else advance)

@@ -179,8 +179,8 @@ def test_greedy_lossless_random_drafter(greedy_setup, mode, batch, family, strat
   assert mode != "ar" or summary["tau"] == 1.0
 
 
-def test_read_only_passes_match_the_writing_forwards(greedy_setup):
-  """flex's passes + one write == drafter.mixed_forward and model.forward (on a filled cache)."""
+def test_mixed_pass_clean_part_is_the_target(greedy_setup):
+  """drafter.mixed_pass (clean tokens + slot groups) + append == model.forward on a filled cache."""
   cfg, params, prompts, _, _ = greedy_setup["llama"]
   prompt_BP, lens = generate_lib.pad_prompts(prompts[:3], BUCKET)
 
@@ -188,17 +188,13 @@ def test_read_only_passes_match_the_writing_forwards(greedy_setup):
   def both(params, cache, tokens, anchors):
     _, cache = model_lib.forward(params["target"], cfg, prompt_BP, cache=cache, advance=lens)
     anchors = anchors + cache.lengths[:, None]
-    logits, h, kv = flex.mixed_pass(params, cfg, DCFG, tokens, anchors, cache)
-    mixed = (logits, h, flex._write(cache, kv, 2))
-    logits, kv = flex.target_pass(params["target"], cfg, tokens, cache)
-    target = (logits, flex._write(cache, kv, 2))
-    return ((mixed, drafter.mixed_forward(params, cfg, DCFG, tokens, anchors, cache)),
-            (target, model_lib.forward(params["target"], cfg, tokens, cache=cache)))
+    logits, _, kv = drafter.mixed_pass(params, cfg, DCFG, tokens, anchors, cache)
+    return (logits, cache.append(kv, 2)), model_lib.forward(params["target"], cfg, tokens, cache=cache)
 
   tokens = np.array([[1, 2], [3, 4], [5, 6]], np.int32)
   anchors = np.array([[-1, 0, 1]] * 3, np.int32)
-  for got, want in both(params, model_lib.KVCache.zeros(cfg, 3, 64), tokens, anchors):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
+  got, want = both(params, model_lib.KVCache.zeros(cfg, 3, 64), tokens, anchors)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
 
 
 # ----------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def test_mask_slots_leave_clean_logits_alone_and_match_training(tiny, unroll):
   toks = jax.random.randint(jax.random.key(4), (2, 10), 0, cfg.vocab_size)
   _, cache = model.forward(params["target"], cfg, toks[:, :6], cache=model.KVCache.zeros(cfg, 2, 32))
   anchors = jnp.array([[5, 6, 7], [5, 6, 7]])
-  logits, h_dec, _ = drafter.mixed_forward(params, cfg, dcfg, toks[:, 6:], anchors, cache)
+  logits, h_dec, _ = drafter.mixed_pass(params, cfg, dcfg, toks[:, 6:], anchors, cache)
   plain, _ = model.forward(target, cfg, toks)
   np.testing.assert_allclose(logits, plain[:, 6:], atol=1e-5)
   # The packed training layout gives the same slot states as the decode layout,
