@@ -22,8 +22,9 @@ demo: $(STAMP)
 	  --max_new_tokens=128 --stream
 
 bench: $(STAMP)
-	$(PY) -m flexdraft_jax.bench --modes=ar --batch_sizes=1,8 --num_prompts=8 --max_new_tokens=32 \
-	  --repeats=1 --profile --out_dir=bench_out
+	$(PY) -m flexdraft_jax.bench --modes=ar,pld,parallel,sequential,flex --batch_sizes=1,4 \
+	  --num_prompts=4 --max_new_tokens=32 --repeats=1 --compare_hf=false --unroll_layers=false \
+	  --out_dir=bench_out
 
 clean:
 	rm -rf .venv bench_out

@@ -1,6 +1,7 @@
-r"""Decoding throughput benchmark: our jitted decoders vs HF transformers on CPU.
+r"""Decoding throughput benchmark: AR, speculative modes and HF transformers.
 
-  python -m flexdraft_jax.bench --modes=ar --batch_sizes=1,8 --out_dir=bench_out
+  python -m flexdraft_jax.bench --modes=ar,pld,parallel,sequential,flex --batch_sizes=1,4 \
+    --drafter=workdir/drafter --out_dir=bench_out
   python -m flexdraft_jax.bench --batch_sizes=1 --profile   # + a decode-step breakdown
 
 For each batch size b, the prompts (chat-templated with our tokenizer) are cut
@@ -8,12 +9,36 @@ into consecutive groups of b and decoded greedily as ragged batches. Each
 executable is compiled ahead of time (timed apart), run once to warm up, then
 each group is timed `--repeats` times and the median kept. By default both
 sides generate exactly `--max_new_tokens` tokens per row (`--ignore_eos`), so
-tokens/s compares the same work. Writes `out_dir/ar_bench.json` (and
-`out_dir/ar_profile.json` with `--profile`) and prints a table.
+tokens/s compares the same work.
 
-A decoding mode is an entry of `MODES`: a runner that decodes groups of prompt
-ids and returns per-group tokens, counts and median wall times. Speculative
-modes (parallel, sequential, flex, pld) plug in there and share the rest.
+Modes (`MODES`): `ar` (the plain jitted loop; always run, as the reference),
+and `parallel`, `sequential`, `flex`, `pld` (`flex.flex_generate` in that mode,
+`pld` = prompt lookup, no drafter). Without `--drafter`, a random drafter
+(`--random_drafter_layers`, `--block_size`) is exported to out_dir/random_drafter
+and used (header `random_drafter: true`): speeds are then a lower bound. Each
+mode's greedy tokens must equal AR's token for token; a mode that differs gets
+`lossless: false` and null speed columns.
+
+Writes `out_dir/bench.json` {"header", "rows"}, one row per (mode, batch_size):
+tokens_per_s, tau (committed tokens per row-step, bonus included), speedup_vs_ar,
+forward_passes (prefill included), mean_verify_len (mean static verify width of
+the steps), mode_histogram ({parallel, sequential, pld} steps), compile_s,
+lossless, plus ms_per_step, new_tokens, steps, wall_s and the HF columns;
+`out_dir/throughput.png` (tokens/s vs batch size per mode), `out_dir/ar_profile.json`
+with `--profile`, and prints a table.
+
+  python -m flexdraft_jax.bench --calibrate --drafter=workdir/drafter --batch_sizes=1,2,4,8
+
+instead times one step of each kind at each batch size and verify width
+w in `flex.verify_buckets(block_size)` and writes `out_dir/costs.json`:
+{"<batch_size>": [[parallel ms per w], [sequential ms per w]], ...}, the
+`costs` [2, len(verify_buckets)] of `flex.flex_generate` for that batch size.
+A parallel step is one mixed pass over w clean tokens with w+1 groups; a
+sequential step is a target pass over w tokens then a mixed pass over 1 token
+with one group (cache writes included; verify and drafting math excluded).
+Each is jitted on its own over a zero cache whose rows hold the typical
+mid-generation length (mean prompt + max_new_tokens / 2); the median of
+`--profile_runs` calls is kept.
 """
 from __future__ import annotations
 
@@ -39,6 +64,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexdraft_jax import checkpoint
+from flexdraft_jax import drafter as drafter_lib
+from flexdraft_jax import flex as flex_lib
 from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
 from flexdraft_jax import prompts as prompts_lib
@@ -61,7 +89,17 @@ _PROMPTS = flags.DEFINE_string("prompts", "mtbench",
                                "mtbench, sharegpt-heldout, or a path to a .jsonl prompt file.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 8, "Prompts used (the first ones of the set).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per prompt (at most).")
-_MODES = flags.DEFINE_list("modes", ["ar"], "Decoding modes to time; known: ar.")
+_MODES = flags.DEFINE_list("modes", ["ar"], "Decoding modes to time; known: ar, parallel, "
+                           "sequential, flex, pld (ar always runs, as the reference).")
+_DRAFTER = flags.DEFINE_string("drafter", None, "Exported drafter folder; default: a random one.")
+_RANDOM_LAYERS = flags.DEFINE_integer("random_drafter_layers", 4,
+                                      "Draft layers K of the random drafter (no --drafter).")
+_BLOCK_SIZE = flags.DEFINE_integer("block_size", 8, "Block size of the random drafter.")
+_CALIBRATE = flags.DEFINE_bool("calibrate", False, "Only time the flex steps per batch size and "
+                                "verify width and write out_dir/costs.json (see above).")
+_STRATEGY = flags.DEFINE_enum("verify_strategy", "cumulative_product", list(flex_lib.STRATEGIES[:2])
+                              + ["full"], "How many drafts a speculative step verifies ('full': "
+                              "all, one compiled width, the fastest to compile).")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to time.")
 _COMPARE_HF = flags.DEFINE_bool(
     "compare_hf", True, "Also time HF transformers (torch, CPU) greedy `generate` on the same "
@@ -94,6 +132,11 @@ class Options:
   num_prompts: int = 8
   max_new_tokens: int = 64
   modes: tuple[str, ...] = ("ar",)
+  drafter: str | None = None         # None: a random drafter, exported to out_dir
+  random_drafter_layers: int = 4
+  block_size: int = 8
+  verify_strategy: str = "cumulative_product"
+  calibrate: bool = False
   batch_sizes: tuple[int, ...] = (1, 8)
   compare_hf: bool = True
   hf_num_threads: int | None = None  # None: torch's default
@@ -116,6 +159,9 @@ class Workload:
   max_new_tokens: int
   repeats: int
   ignore_eos: bool
+  verify_strategy: str = "cumulative_product"
+  dcfg: drafter_lib.DrafterConfig | None = None
+  draft: Any = None             # decoding draft params (None: pld/ar only)
 
 
 @dataclasses.dataclass
@@ -210,11 +256,58 @@ def run_ar(work: Workload, groups: Groups) -> ModeResult:
     result.groups.append(run)
     logging.info("ar: batch=%d group %d/%d: %d tokens, %d steps, %.2f s (%.1f tok/s)", b,
                  gi + 1, len(groups), run.new_tokens, run.steps, wall, run.new_tokens / wall)
+  result.extra = dict(tau=1.0, forward_passes=result.steps + len(groups), mean_verify_len=None,
+                      mode_histogram=None)
   return result
 
 
-# Mode name -> runner. Speculative modes (parallel, sequential, flex, pld) go here.
-MODES: dict[str, Runner] = {"ar": run_ar}
+def run_flex(work: Workload, groups: Groups, *, mode: str) -> ModeResult:
+  """`flex.flex_generate` in `mode`, one executable per (batch, width); FlexStats summed."""
+  m, bs = work.max_new_tokens, work.dcfg.block_size
+  fcfg = flex_lib.FlexConfig(mode=mode, verify_strategy=work.verify_strategy, max_new_tokens=m)
+  params = {"target": work.params, "draft": work.draft}
+  result, compiled, stats = ModeResult(groups=[]), {}, []
+  for group in groups:
+    prompt_bp, lens_b = generate_lib.pad_prompts(group, PROMPT_BUCKET, work.pad_id)
+    b, width = prompt_bp.shape
+    args = (jnp.asarray(prompt_bp), jnp.asarray(lens_b),
+            jnp.asarray(generate_lib.stop_matrix(work.stop_ids, b)), jax.random.key(0), None)
+    if (b, width) not in compiled:  # [executable, cache]: the cache is donated and handed back
+      start = time.perf_counter()
+      exe = flex_lib.compile_flex(params, work.cfg, work.dcfg, b, width, width + m + 2 * bs,
+                                  len(work.stop_ids), fcfg=fcfg)
+      result.compile_s += time.perf_counter() - start
+      cache = model_lib.KVCache.zeros(work.cfg, b, width + m + 2 * bs)
+      compiled[b, width] = [exe, jax.block_until_ready(exe(params, cache, *args))[3]]  # warm-up
+    slot = compiled[b, width]
+
+    def call(slot=slot, args=args):
+      out = slot[0](params, slot[1], *args)
+      slot[1] = out[3]
+      return out
+
+    wall, (tokens, num_new, st, _) = _median_wall(call, work.repeats)
+    tokens, num_new, st = np.asarray(tokens), np.asarray(num_new), jax.device_get(st)
+    stats.append(st)
+    result.groups.append(GroupRun(tokens=[tokens[r, :num_new[r]].tolist() for r in range(b)],
+                                  new_tokens=int(num_new.sum()), steps=int(st.steps), wall_s=wall))
+    logging.info("%s: batch=%d: %d tokens, %d steps, %.2f s", mode, b, int(num_new.sum()),
+                 int(st.steps), wall)
+  total = lambda f: sum(np.asarray(getattr(st, f)) for st in stats)
+  hist = total("verify_hist")
+  result.extra = dict(
+      tau=float(total("committed").sum() / max(total("row_steps").sum(), 1)),
+      forward_passes=int(total("forward_passes")),
+      mean_verify_len=(float(np.dot(hist, flex_lib.verify_buckets(bs)) / hist.sum())
+                       if hist.sum() else None),
+      mode_histogram=dict(zip(("parallel", "sequential", "pld"), total("modes").tolist())))
+  return result
+
+
+# Mode name -> runner.
+MODES: dict[str, Runner] = {"ar": run_ar, **{
+    m: functools.partial(run_flex, mode=m) for m in ("parallel", "sequential", "flex", "pld")}}
+DRAFTED = ("parallel", "sequential", "flex")  # the modes that need a drafter
 
 
 # ----------------------------------------------------------------------------
@@ -341,6 +434,51 @@ def _head(params, x_b1d, *, cfg):
   return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "dcfg"), donate_argnames="cache")
+def _parallel_step(params, cache, tokens_BW, *, cfg, dcfg):
+  """A parallel flex step's pass: w clean tokens, w+1 groups, the cache write."""
+  anchors = cache.lengths[:, None] - 1 + jnp.arange(tokens_BW.shape[1] + 1)[None]
+  logits, h, kv = drafter_lib.mixed_pass(params, cfg, dcfg, tokens_BW, anchors, cache)
+  return logits, h, cache.append(kv, jnp.zeros_like(cache.lengths))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dcfg"), donate_argnames="cache")
+def _sequential_step(params, cache, tokens_BW, *, cfg, dcfg):
+  """A sequential flex step's passes: the target over w tokens, then 1 token + one group."""
+  b, w = tokens_BW.shape
+  stay = jnp.zeros_like(cache.lengths)
+  logits, kv = model_lib.clean_pass(params["target"], cfg, tokens_BW,
+                                    model_lib.next_positions(cache, w),
+                                    jnp.broadcast_to(model_lib.causal_mask(w), (b, w, w)), cache)
+  cache = cache.append(kv, stay)
+  logits2, h, kv = drafter_lib.mixed_pass(params, cfg, dcfg, tokens_BW[:, :1],
+                                          cache.lengths[:, None], cache)
+  return logits, logits2, h, cache.append(kv, stay)
+
+
+def calibrate(work: Workload, batch_sizes: Sequence[int], runs: int) -> dict[str, list]:
+  """{str(batch): [[parallel ms per verify width], [sequential ms per verify width]]}."""
+  m, bs = work.max_new_tokens, work.dcfg.block_size
+  width = -(-max(len(p) for p in work.prompt_ids) // PROMPT_BUCKET) * PROMPT_BUCKET
+  typical = round(statistics.mean(len(p) for p in work.prompt_ids) + m / 2)
+  params = {"target": work.params, "draft": work.draft}
+  out = {}
+  for b in batch_sizes:
+    cache = model_lib.KVCache.zeros(work.cfg, b, width + m + 2 * bs)
+    state = {"cache": cache.replace(lengths=jnp.full((b,), typical, jnp.int32))}
+    row = []
+    for step in (_parallel_step, _sequential_step):
+      def call(step=step, tokens=None):
+        *res, state["cache"] = step(params, state["cache"], tokens, cfg=work.cfg, dcfg=work.dcfg)
+        return res
+      row.append([_median_ms(functools.partial(call, tokens=jnp.ones((b, w), jnp.int32)), runs)
+                  for w in flex_lib.verify_buckets(bs)])
+    logging.info("calibrate: batch %d: parallel %s ms, sequential %s ms", b,
+                 *[[round(c, 2) for c in r] for r in row])
+    out[str(b)] = row
+  return out
+
+
 @jax.jit
 def _noop(x):
   return x + 1
@@ -453,8 +591,12 @@ def _groups(prompt_ids: list[list[int]], b: int) -> Groups:
 
 
 def make_row(mode: str, b: int, ours: ModeResult, hf: ModeResult | None,
-             work: Workload) -> dict[str, Any]:
-  row = {"mode": mode, "batch_size": b, "tokens_per_s": ours.tokens_per_s,
+             work: Workload, ar: ModeResult) -> dict[str, Any]:
+  """One JSON row; without AR's exact tokens (`lossless` false) the speed columns are null."""
+  lossless = [t for g in ours.groups for t in g.tokens] == [t for g in ar.groups for t in g.tokens]
+  row = {"mode": mode, "batch_size": b, "lossless": lossless, "tokens_per_s": ours.tokens_per_s,
+         "speedup_vs_ar": ar.wall_s / ours.wall_s if ours.wall_s else None,
+         "tau": None, "forward_passes": None, "mean_verify_len": None, "mode_histogram": None,
          "ms_per_step": ours.ms_per_step, "compile_s": ours.compile_s,
          "new_tokens": ours.new_tokens, "steps": ours.steps, "wall_s": ours.wall_s,
          "groups": len(ours.groups), "hf_tokens_per_s": None, "hf_ms_per_step": None,
@@ -472,6 +614,11 @@ def make_row(mode: str, b: int, ours: ModeResult, hf: ModeResult | None,
                matches_hf_of=len(ours_rows),
                matches_hf_tokens=sum(compared_length(o, h, work.eos_ids, work.ignore_eos)
                                      for o, h in zip(ours_rows, hf_rows)))
+  if not lossless:
+    logging.warning("%s at batch %d does not reproduce AR's greedy tokens: no speed reported",
+                    mode, b)
+    row.update(tokens_per_s=None, speedup_vs_ar=None, ms_per_step=None, wall_s=None,
+               ratio_vs_hf=None)
   return row
 
 
@@ -480,13 +627,16 @@ def _fmt(x, spec: str) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-  head = (f"{'mode':<6}{'batch':>6}{'tok/s':>9}{'ms/step':>9}{'compile_s':>10}{'new_tok':>8}"
+  head = (f"{'mode':<11}{'batch':>6}{'tok/s':>9}{'ms/step':>9}{'tau':>6}{'speedup':>8}"
+          f"{'lossless':>9}{'compile_s':>10}{'new_tok':>8}"
           f"{'hf_tok/s':>10}{'hf_ms/step':>11}{'ratio':>7}{'matches':>9}")
   lines = [head, "-" * len(head)]
   for r in rows:
     matches = "-" if r["matches_hf"] is None else f"{r['matches_hf']}/{r['matches_hf_of']}"
-    lines.append(f"{r['mode']:<6}{r['batch_size']:>6}{r['tokens_per_s']:>9.1f}"
-                 f"{r['ms_per_step']:>9.1f}{r['compile_s']:>10.1f}{r['new_tokens']:>8}"
+    lines.append(f"{r['mode']:<11}{r['batch_size']:>6}{_fmt(r['tokens_per_s'], '.1f'):>9}"
+                 f"{_fmt(r['ms_per_step'], '.1f'):>9}{_fmt(r.get('tau'), '.2f'):>6}"
+                 f"{_fmt(r.get('speedup_vs_ar'), '.2f'):>8}{str(r.get('lossless', '-')):>9}"
+                 f"{r['compile_s']:>10.1f}{r['new_tokens']:>8}"
                  f"{_fmt(r['hf_tokens_per_s'], '.1f'):>10}{_fmt(r['hf_ms_per_step'], '.1f'):>11}"
                  f"{_fmt(r['ratio_vs_hf'], '.2f'):>7}{matches:>9}")
   return "\n".join(lines)
@@ -519,6 +669,55 @@ def validate(opts: Options) -> None:
     raise app.UsageError(f"--hf_num_threads must be >= 1, got {opts.hf_num_threads}")
   if opts.repeats < 1 or opts.profile_runs < 1:
     raise app.UsageError("--repeats and --profile_runs must be >= 1")
+  if opts.block_size < 2 or opts.random_drafter_layers < 1:
+    raise app.UsageError("--block_size must be >= 2 and --random_drafter_layers >= 1")
+
+
+def load_drafter(opts: Options, cfg: ModelConfig, params, out_dir: pathlib.Path):
+  """(DrafterConfig, draft params, header fields): --drafter, or a random one exported
+  to out_dir/random_drafter. Only pld/ar: no draft params, --block_size."""
+  if not opts.calibrate and not set(opts.modes) & set(DRAFTED):
+    return drafter_lib.DrafterConfig(num_draft_layers=1, block_size=opts.block_size), None, {
+        "drafter": None}
+  cfg_dict = dataclasses.asdict(cfg)
+  fingerprint = checkpoint.target_fingerprint(cfg_dict, params)
+  path = opts.drafter
+  if path is None:
+    dcfg = drafter_lib.DrafterConfig(num_draft_layers=opts.random_drafter_layers,
+                                     block_size=opts.block_size)
+    try:
+      draft = drafter_lib.init_draft(cfg, dcfg, params, jax.random.key(0))
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    path = out_dir / "random_drafter"
+    checkpoint.export_drafter(path, jax.device_get(draft), dcfg.to_dict(), cfg_dict, fingerprint,
+                              dtype="float32")
+    logging.warning("no --drafter: using a random drafter (exported to %s); speculative speeds "
+                    "are a lower bound", path)
+  meta, draft = checkpoint.load_drafter(path, cfg_dict, fingerprint, dtype=cfg.param_dtype)
+  dcfg = drafter_lib.DrafterConfig(**meta).validate(cfg)
+  return dcfg, draft, {"drafter": str(path), "random_drafter": opts.drafter is None,
+                       "drafter_config": dcfg.to_dict()}
+
+
+def plot_throughput(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
+  """tokens/s vs batch size per mode (lossless rows only), as a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for mode in dict.fromkeys(r["mode"] for r in rows):
+    pts = [(r["batch_size"], r["tokens_per_s"]) for r in rows
+           if r["mode"] == mode and r["tokens_per_s"] is not None]
+    if pts:
+      ax.plot(*zip(*pts), marker="o", label=mode)
+  ax.set(xscale="log", xlabel="batch size", ylabel="tokens/s", title="Decoding throughput")
+  batches = sorted({r["batch_size"] for r in rows})
+  ax.set_xticks(batches, [str(b) for b in batches])
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def run(opts: Options) -> dict[str, Any]:
@@ -538,8 +737,10 @@ def run(opts: Options) -> dict[str, Any]:
   start = time.perf_counter()
   tok = tokenizer_lib.load_tokenizer(opts.model)
   cfg, params = weights.load_model(opts.model, dtype=opts.dtype)
+  dcfg, draft, drafter_header = load_drafter(opts, cfg, params, out_dir)
   params = model_lib.decoding_params(params, opts.unroll_layers)
   unroll = isinstance(params["layers"], tuple)
+  draft = None if draft is None else drafter_lib.decoding_draft(draft, unroll)
   logging.info("loaded %s (%s, %s layers) in %.1f s", opts.model, cfg.dtype,
                "unrolled" if unroll else "scanned", time.perf_counter() - start)
   eos_ids = tokenizer_lib.stop_token_ids(tok)
@@ -550,7 +751,15 @@ def run(opts: Options) -> dict[str, Any]:
                   stop_ids=[-1] if opts.ignore_eos else eos_ids,
                   pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0],
                   max_new_tokens=opts.max_new_tokens, repeats=opts.repeats,
-                  ignore_eos=opts.ignore_eos)
+                  ignore_eos=opts.ignore_eos, verify_strategy=opts.verify_strategy, dcfg=dcfg,
+                  draft=draft)
+
+  if opts.calibrate:
+    costs = calibrate(work, opts.batch_sizes, opts.profile_runs)
+    (out_dir / "costs.json").write_text(json.dumps(costs, indent=2) + "\n")
+    logging.info("wrote %s (verify widths %s)", out_dir / "costs.json",
+                 flex_lib.verify_buckets(dcfg.block_size))
+    return {"header": header(opts, cfg), "costs": costs}
 
   hf_ref = None
   if opts.compare_hf:
@@ -563,13 +772,13 @@ def run(opts: Options) -> dict[str, Any]:
                    time.perf_counter() - start, hf_ref.version, hf_ref.num_threads)
 
   result = {"header": header(opts, cfg), "rows": []}
-  result["header"]["unroll_layers"] = unroll
+  result["header"].update(unroll_layers=unroll, **drafter_header)
   if hf_ref is not None:
     result["header"]["torch_num_threads"] = hf_ref.num_threads
   for b in opts.batch_sizes:
     groups = _groups(prompt_ids, b)
     ours = {}
-    for mode in opts.modes:
+    for mode in dict.fromkeys(("ar",) + opts.modes):
       logging.info("%s: batch %d, %d group(s)", mode, b, len(groups))
       ours[mode] = MODES[mode](work, groups)
     hf = None
@@ -577,11 +786,12 @@ def run(opts: Options) -> dict[str, Any]:
       logging.info("hf: batch %d, %d group(s)", b, len(groups))
       hf = hf_ref.run(work, groups)
     for mode in opts.modes:
-      result["rows"].append(make_row(mode, b, ours[mode], hf, work))
+      result["rows"].append(make_row(mode, b, ours[mode], hf, work, ours["ar"]))
   result["header"]["load_avg_end"] = _load_avg()
-  (out_dir / "ar_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+  (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+  plot_throughput(result["rows"], out_dir / "throughput.png")
   print(format_table(result["rows"]))
-  logging.info("wrote %s", out_dir / "ar_bench.json")
+  logging.info("wrote %s and %s", out_dir / "bench.json", out_dir / "throughput.png")
 
   if opts.profile:
     entries = []
@@ -613,7 +823,9 @@ def options_from_flags() -> Options:
       model=_MODEL.value, dtype=None if _DTYPE.value == "auto" else _DTYPE.value,
       unroll_layers=_UNROLL.value,
       prompts=_PROMPTS.value, num_prompts=_NUM_PROMPTS.value, max_new_tokens=_MAX_NEW.value,
-      modes=tuple(m.strip() for m in _MODES.value),
+      modes=tuple(m.strip() for m in _MODES.value), drafter=_DRAFTER.value,
+      random_drafter_layers=_RANDOM_LAYERS.value, block_size=_BLOCK_SIZE.value,
+      verify_strategy=_STRATEGY.value, calibrate=_CALIBRATE.value,
       batch_sizes=_int_list("batch_sizes", _BATCH_SIZES.value), compare_hf=_COMPARE_HF.value,
       hf_num_threads=_HF_THREADS.value, ignore_eos=_IGNORE_EOS.value, out_dir=_OUT_DIR.value,
       profile=_PROFILE.value, profile_runs=_PROFILE_RUNS.value, repeats=_REPEATS.value)

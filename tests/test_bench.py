@@ -14,7 +14,8 @@ from flexdraft_jax import bench
 from flexdraft_jax import resources
 
 _ROW_KEYS = {"mode", "batch_size", "tokens_per_s", "ms_per_step", "compile_s", "new_tokens",
-             "hf_tokens_per_s", "hf_ms_per_step", "ratio_vs_hf", "matches_hf"}
+             "hf_tokens_per_s", "hf_ms_per_step", "ratio_vs_hf", "matches_hf", "tau",
+             "speedup_vs_ar", "forward_passes", "mean_verify_len", "mode_histogram", "lossless"}
 _HEADER_KEYS = {"machine", "versions", "backend", "dtype", "date", "command"}
 
 
@@ -58,7 +59,7 @@ def _check_rows(rows, batch_sizes, max_new_tokens, num_prompts):
   assert [r["batch_size"] for r in rows] == list(batch_sizes)
   for r in rows:
     assert _ROW_KEYS <= r.keys()
-    assert r["mode"] == "ar"
+    assert r["mode"] == "ar" and r["lossless"] and r["tau"] == 1.0
     groups = num_prompts // r["batch_size"]
     assert r["groups"] == groups
     # --ignore_eos (default): every row generates exactly max_new_tokens.
@@ -74,7 +75,7 @@ def test_bench_tiny_model_vs_hf(tmp_path, tiny_hf_folder, prompt_file):
   _main(f"--model={tiny_hf_folder}", f"--prompts={prompt_file}", "--num_prompts=2",
         "--batch_sizes=1,2", "--max_new_tokens=4", "--repeats=1", "--compare_hf",
         "--profile", "--profile_runs=3", f"--out_dir={tmp_path}")
-  result = json.loads((tmp_path / "ar_bench.json").read_text())
+  result = json.loads((tmp_path / "bench.json").read_text())
   assert _HEADER_KEYS <= result["header"].keys()
   assert result["header"]["dtype"] == "float32"
   assert result["header"]["machine"]["cpu_count"] >= 1
@@ -106,12 +107,65 @@ def test_bench_smollm2_small(tmp_path, prompt_file):
   _main(f"--prompts={prompt_file}", "--num_prompts=2", "--batch_sizes=1,2",
         "--max_new_tokens=4", "--compare_hf=false", "--repeats=1", "--unroll_layers=false",
         f"--out_dir={tmp_path}")
-  result = json.loads((tmp_path / "ar_bench.json").read_text())
+  result = json.loads((tmp_path / "bench.json").read_text())
   assert result["header"]["settings"]["model"] == resources.SMOLLM2_NAME
   assert result["header"]["unroll_layers"] is False
   _check_rows(result["rows"], (1, 2), 4, 2)
   assert all(r["hf_tokens_per_s"] is None and r["matches_hf"] is None for r in result["rows"])
   assert not (tmp_path / "ar_profile.json").exists()
+  assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+_TINY_SPEC = ("--prompts={}", "--num_prompts=2", "--batch_sizes=1", "--max_new_tokens=8",
+              "--compare_hf=false", "--repeats=1", "--random_drafter_layers=1", "--block_size=4")
+
+
+def test_bench_speculative_modes(tmp_path, tiny_hf_folder, prompt_file, monkeypatch):
+  """ar, parallel and pld on a tiny model with a random drafter: lossless, stats, the plot.
+  'sequential' is faked to return wrong tokens: lossless=false, no speed."""
+  def lossy(work, groups):
+    return bench.ModeResult(groups=[bench.GroupRun(tokens=[[0] * 8] * len(g), new_tokens=8 * len(g),
+                                                   steps=8, wall_s=1.0) for g in groups])
+
+  monkeypatch.setitem(bench.MODES, "sequential", lossy)
+  _main(f"--model={tiny_hf_folder}", f"--prompts={prompt_file}", "--num_prompts=2",
+        "--batch_sizes=1", "--max_new_tokens=8", "--compare_hf=false", "--repeats=1",
+        "--random_drafter_layers=1", "--block_size=4",
+        "--verify_strategy=full", "--modes=parallel,pld,ar,sequential", f"--out_dir={tmp_path}")
+  result = json.loads((tmp_path / "bench.json").read_text())
+  assert result["header"]["random_drafter"] is True
+  assert result["header"]["drafter"] == str(tmp_path / "random_drafter")
+  assert (tmp_path / "random_drafter").is_dir()
+  rows = {r["mode"]: r for r in result["rows"]}
+  assert [r["mode"] for r in result["rows"]] == ["parallel", "pld", "ar", "sequential"]
+  for mode in ("parallel", "pld", "ar"):
+    r = rows[mode]
+    assert _ROW_KEYS <= r.keys() and r["lossless"] is True, mode
+    assert r["new_tokens"] == 2 * 8 and r["tokens_per_s"] > 0
+    assert r["speedup_vs_ar"] == pytest.approx(rows["ar"]["wall_s"] / r["wall_s"])
+  assert rows["ar"]["speedup_vs_ar"] == pytest.approx(1.0)
+  assert rows["ar"]["mean_verify_len"] is None and rows["ar"]["forward_passes"] == 2 * 8
+  for mode in ("parallel", "pld"):
+    r = rows[mode]
+    assert r["tau"] >= 1.0 and r["mean_verify_len"] == 4  # 'full': every step verifies 4
+    assert r["mode_histogram"][mode] == r["steps"] and sum(r["mode_histogram"].values()) == r["steps"]
+    assert r["forward_passes"] == r["steps"] + 2  # one pass a step, plus a prefill per group
+  seq = rows["sequential"]
+  assert seq["lossless"] is False and _ROW_KEYS <= seq.keys()
+  assert seq["tokens_per_s"] is None and seq["speedup_vs_ar"] is None
+  assert seq["ms_per_step"] is None and seq["wall_s"] is None
+  assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibrate(tmp_path, tiny_hf_folder, prompt_file):
+  """--calibrate: costs.json {batch: [[parallel ms per verify width], [sequential ...]]}."""
+  _main(f"--model={tiny_hf_folder}", f"--prompts={prompt_file}", "--num_prompts=2",
+        "--batch_sizes=1", "--max_new_tokens=8", "--random_drafter_layers=1", "--block_size=4",
+        "--profile_runs=2", "--calibrate", f"--out_dir={tmp_path}")
+  costs = json.loads((tmp_path / "costs.json").read_text())
+  assert list(costs) == ["1"] and len(costs["1"]) == 2
+  assert all(len(row) == 3 and min(row) > 0 for row in costs["1"])  # widths (1, 2, 4)
+  assert not (tmp_path / "bench.json").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -125,7 +179,7 @@ def test_bench_smollm2_small(tmp_path, prompt_file):
 def test_usage_errors(tmp_path, argv, message):
   with pytest.raises(app.UsageError, match=message):
     _main(*argv, "--compare_hf=false", f"--out_dir={tmp_path}")
-  assert not (tmp_path / "ar_bench.json").exists()
+  assert not (tmp_path / "bench.json").exists()
 
 
 def test_too_few_prompts_in_file(tmp_path, prompt_file):
@@ -135,12 +189,18 @@ def test_too_few_prompts_in_file(tmp_path, prompt_file):
 
 
 def test_format_table():
-  row = {"mode": "ar", "batch_size": 8, "tokens_per_s": 12.5, "ms_per_step": 80.0,
+  row = {"mode": "ar", "batch_size": 8, "tokens_per_s": 12.5, "ms_per_step": 80.0, "tau": 1.0,
+         "speedup_vs_ar": 1.0, "lossless": True,
          "compile_s": 6.0, "new_tokens": 512, "hf_tokens_per_s": None, "hf_ms_per_step": None,
          "ratio_vs_hf": None, "matches_hf": None, "matches_hf_of": None}
   lines = bench.format_table([row]).splitlines()
   assert lines[0].split()[:3] == ["mode", "batch", "tok/s"]
-  assert lines[2].split() == ["ar", "8", "12.5", "80.0", "6.0", "512", "-", "-", "-", "-"]
+  assert lines[2].split() == ["ar", "8", "12.5", "80.0", "1.00", "1.00", "True", "6.0", "512",
+                              "-", "-", "-", "-"]
+  lossy = dict(row, mode="pld", tokens_per_s=None, ms_per_step=None, speedup_vs_ar=None,
+               lossless=False, tau=2.5)
+  assert bench.format_table([lossy]).splitlines()[2].split()[:7] == [
+      "pld", "8", "-", "-", "2.50", "-", "False"]
 
 
 def test_same_tokens_ignore_eos():
