@@ -39,8 +39,12 @@ _BLOCK = flags.DEFINE_integer("block_size", None,
 _THRESHOLD = flags.DEFINE_float("verify_threshold", 0.01,
                                 "Confidence threshold t of the verify-length rule, in (0, 1].")
 _STRATEGY = flags.DEFINE_enum("verify_strategy", "cumulative_product",
-                              ["min_confidence", "cumulative_product", "full"],
+                              ["min_confidence", "cumulative_product", "expected_throughput",
+                               "full"],
                               "How many drafts to verify per step.")
+_COSTS = flags.DEFINE_string(
+    "costs", None, "Cost table from `python -m flexdraft_jax.bench --calibrate` (costs.json); "
+    "without one, flex switches on the active batch size.")
 _STATS = flags.DEFINE_bool("stats", False, "Print tau, acceptance by depth and the mode histogram.")
 
 
@@ -65,6 +69,8 @@ def _usage_checks(argv):
     raise app.UsageError(f"--verify_threshold must be in (0, 1], got {_THRESHOLD.value}")
   if _DRAFTER.value is None and _MODE.value not in (None, "ar"):
     raise app.UsageError(f"--mode={_MODE.value} needs --drafter")
+  if _COSTS.value is not None and not pathlib.Path(_COSTS.value).is_file():
+    raise app.UsageError(f"--costs={_COSTS.value} does not exist")
   if _DRAFTER.value is not None and not pathlib.Path(_DRAFTER.value).exists():
     raise app.UsageError(f"--drafter={_DRAFTER.value} does not exist")
   model = _MODEL.value
@@ -96,8 +102,9 @@ def main(argv):
   logging.info("loading %s", _MODEL.value)
   try:
     engine = engine_lib.Engine(_MODEL.value, None if _DTYPE.value == "auto" else _DTYPE.value,
-                               chat_template=_CHAT.value, drafter=_DRAFTER.value)
-  except (checkpoint.DrafterMismatchError, checkpoint.DrafterFileError) as e:
+                               chat_template=_CHAT.value, drafter=_DRAFTER.value,
+                               costs=_COSTS.value)
+  except (checkpoint.DrafterMismatchError, checkpoint.DrafterFileError, ValueError) as e:
     raise app.UsageError(str(e)) from None
   if _BLOCK.value is not None and engine.dcfg and _BLOCK.value != engine.dcfg.block_size:
     raise app.UsageError(f"--block_size={_BLOCK.value} but the drafter was trained with "
@@ -108,9 +115,12 @@ def main(argv):
   printer = engine_lib.StreamPrinter(engine.tokenizer) if _STREAM.value else None
   if printer:
     print(f">>> {prompts[0]}\n")
-  results, stats = engine.generate(prompts, max_new_tokens=_MAX_NEW.value, batch_size=batch,
-                                   sampling=sampling, seed=_SEED.value, on_token=printer,
-                                   flex=flex)
+  try:
+    results, stats = engine.generate(prompts, max_new_tokens=_MAX_NEW.value, batch_size=batch,
+                                     sampling=sampling, seed=_SEED.value, on_token=printer,
+                                     flex=flex)
+  except ValueError as e:  # e.g. prompt + max_new_tokens beyond the model, no cost table
+    raise app.UsageError(str(e)) from None
   for i, r in enumerate(results):
     if printer and i == 0:
       print()

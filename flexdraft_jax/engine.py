@@ -7,6 +7,8 @@ timed apart from decoding, so tokens/s never includes compile time.
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 import sys
 import time
 from typing import Callable, Sequence
@@ -74,7 +76,7 @@ class Engine:
 
   def __init__(self, model: str, dtype: str | None = None, chat_template: bool = True,
                unroll_layers: bool | None = None, *, target=None, tokenizer: str | None = None,
-               drafter: str | None = None):
+               drafter: str | None = None, costs: str | None = None):
     """`unroll_layers` (default: on CPU) runs layers from per-layer param trees.
 
     XLA:CPU copies each layer's weights out of the stacked [L, ...] arrays on
@@ -82,7 +84,10 @@ class Engine:
     `target=(cfg, params)` serves already loaded (or random) weights, with the
     tokenizer of `tokenizer` (default: `model`'s). `drafter` is an exported
     drafter folder (train.py's `workdir/drafter`); it must have been trained for
-    this target (architecture and weights fingerprint are checked).
+    this target (architecture and weights fingerprint are checked). `costs` is a
+    cost table from `python -m flexdraft_jax.bench --calibrate` (costs.json):
+    for a batch size it lists, the flex mode and `expected_throughput` use it;
+    otherwise flex falls back to `flex.FLEX_BATCH_THRESHOLD`.
     """
     self.cfg, params = target if target is not None else weights.load_model(model, dtype=dtype)
     if unroll_layers is None:
@@ -95,6 +100,15 @@ class Engine:
       self.dcfg = drafter_lib.DrafterConfig(**meta).validate(self.cfg)
       self.draft = drafter_lib.decoding_draft(draft, unroll_layers)
     self.params = model_lib.decoding_params(params, unroll_layers)
+    self.costs = {}
+    if costs is not None:
+      self.costs = {int(b): np.asarray(t, np.float32) for b, t in json.loads(
+          pathlib.Path(costs).read_text()).items()}
+      want = (2, len(flex_lib.verify_buckets(self.dcfg.block_size))) if self.dcfg else None
+      bad = [b for b, t in self.costs.items() if t.shape != want]
+      if want is None or bad:
+        raise ValueError(f"cost table {costs} does not fit this drafter: expected tables of "
+                         f"shape {want} per batch size, batch sizes {bad} differ")
     self.tokenizer = tokenizer_lib.load_tokenizer(tokenizer or model)
     self.chat_template = chat_template and bool(self.tokenizer.chat_template)
     self.stop_ids = tokenizer_lib.stop_token_ids(self.tokenizer)
@@ -116,11 +130,15 @@ class Engine:
         self._compiled[key] = lambda p, c, x, n, s, k: exe(p, c, x, n, s, k)
       else:
         fcfg = dataclasses.replace(flex, max_new_tokens=max_new_tokens, sampling=sampling)
+        costs = self.costs.get(batch)
+        if fcfg.verify_strategy == "expected_throughput" and costs is None:
+          raise ValueError(f"verify_strategy 'expected_throughput' needs a cost table with "
+                           f"batch size {batch} (bench --calibrate)")
         exe = flex_lib.compile_flex({"target": self.params, "draft": self.draft}, self.cfg,
                                     self.dcfg, batch, width, capacity, len(self.stop_ids),
-                                    fcfg=fcfg, on_commit=on_token)
+                                    fcfg=fcfg, costs=costs, on_commit=on_token)
         self._compiled[key] = lambda p, c, x, n, s, k: exe(
-            {"target": p, "draft": self.draft}, c, x, n, s, k, None)
+            {"target": p, "draft": self.draft}, c, x, n, s, k, costs)
       stats.compile_s += time.perf_counter() - start
     return self._compiled[key]
 

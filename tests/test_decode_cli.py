@@ -82,3 +82,22 @@ def test_drafter_flags(drafters):
               f"--drafter={drafters}/ok", "--mode=flex", "--stats")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Paris" in r.stdout and "[flex |" in r.stderr and "acceptance by depth" in r.stderr
+  r = _decode("--prompt=a", f"--drafter={drafters}/ok", "--verify_strategy=expected_throughput")
+  assert r.returncode != 0 and "needs a cost table" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cost_table_drives_flex(drafters, tmp_path):
+  """A table that makes parallel steps expensive turns flex sequential at batch 1."""
+  import json
+
+  from flexdraft_jax import engine, flex, prompts
+  widths = flex.verify_buckets(4)
+  (tmp_path / "costs.json").write_text(json.dumps({"1": [[100.0] * len(widths),
+                                                         [1.0] * len(widths)]}))
+  e = engine.Engine("smollm2-135m-instruct", dtype="float32", drafter=str(drafters / "ok"),
+                    costs=str(tmp_path / "costs.json"))
+  ps = prompts.mtbench(1)
+  ar, _ = e.generate(ps, max_new_tokens=8, batch_size=1)
+  out, stats = e.generate(ps, max_new_tokens=8, batch_size=1, flex=flex.FlexConfig(mode="flex"))
+  assert out[0].token_ids == ar[0].token_ids
+  assert stats.modes["parallel"] == 0 and stats.modes["sequential"] > 0
