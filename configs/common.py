@@ -41,3 +41,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.hbm_gib = 0.0               # per-device memory to check the estimate against; 0 = skip
   c.export_dtype = "bfloat16"
   return c
+
+
+def pod_slice_config() -> ml_collections.ConfigDict:
+  """8B-class targets on a 32-chip TPU v5e slice (bf16, 4k packed rows)."""
+  c = base_config()
+  c.dtype = "bfloat16"
+  c.data.num_prompts = 100_000
+  c.data.max_prompt_len = 1024
+  c.data.max_response_len = 2048
+  c.seq_len = 4096
+  c.batch_size = 32     # one packed row per chip
+  c.anchors_per_seq = 64
+  c.num_steps = 20_000
+  c.save_every = 500
+  c.mesh = "4,8,1"       # a 32-chip v5e slice: data 4 x fsdp 8
+  c.hbm_gib = 16.0       # TPU v5e
+  return c

@@ -9,9 +9,8 @@ from configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = common.base_config()
+  c = common.pod_slice_config()
   c.model = "/path/to/Llama-3.1-8B-Instruct"
-  c.dtype = "bfloat16"
   c.model_arch = ml_collections.ConfigDict(dict(
       family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
       num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5,
@@ -19,14 +18,4 @@ def get_config() -> ml_collections.ConfigDict:
       rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                         original_max_position=8192)))
   c.drafter = ml_collections.ConfigDict(dict(num_draft_layers=8, block_size=16, calib_rank=256))
-  c.data.num_prompts = 100_000
-  c.data.max_prompt_len = 1024
-  c.data.max_response_len = 2048
-  c.seq_len = 4096
-  c.batch_size = 32     # one packed row per chip
-  c.anchors_per_seq = 64
-  c.num_steps = 20_000
-  c.save_every = 500
-  c.mesh = "4,8,1"       # a 32-chip v5e slice: data 4 x fsdp 8
-  c.hbm_gib = 16.0       # TPU v5e
   return c

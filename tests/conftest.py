@@ -45,6 +45,38 @@ def mtbench_prompt_ids(smollm2_tokenizer):
   return ids
 
 
+def random_params(cfg, seed: int = 0):
+  """`init_params`' tree (via `eval_shape`) filled with numpy random values, logits O(1):
+  norm scales and biases are random too (not ones and zeros)."""
+  import jax
+  import numpy as np
+
+  from flexdraft_jax import model as model_lib
+  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  rng = np.random.RandomState(seed)
+
+  def randomize(path, s):
+    name = jax.tree_util.keystr(path)
+    noise = rng.standard_normal(s.shape).astype(np.float32)
+    if "scale" in name:
+      return 1.0 + 0.3 * noise
+    if "bias" in name:
+      return 0.3 * noise
+    if "embedding" in name:  # std 0.3: tied logits are O(1) too
+      return 0.3 * noise
+    if "lm_head" in name:  # [d, V]
+      fan_in = s.shape[0]
+    elif "o_proj" in name:  # [L, N, H, d]
+      fan_in = s.shape[1] * s.shape[2]
+    else:  # [L, d, (heads, H) | F] or down_proj [L, F, d]
+      fan_in = s.shape[1]
+    return noise / np.sqrt(fan_in).astype(np.float32)
+
+  params = jax.tree.map(jax.numpy.asarray, jax.tree_util.tree_map_with_path(randomize, shapes))
+  assert jax.tree.structure(params) == jax.tree.structure(shapes)
+  return params
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
   """`make(family, seed=0) -> (cfg, params)`: a tiny random GQA model (memoized).
@@ -70,28 +102,7 @@ def tiny_model():
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                       rms_norm_eps=1e-6, max_position=256, tie_embeddings=family == "qwen3",
                       qkv_bias=family == "qwen2", qk_norm=family == "qwen3")
-    shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
-    rng = np.random.RandomState(seed)
-
-    def randomize(path, s):
-      name = jax.tree_util.keystr(path)
-      noise = rng.standard_normal(s.shape).astype(np.float32)
-      if "scale" in name:
-        return 1.0 + 0.3 * noise
-      if "bias" in name:
-        return 0.3 * noise
-      if "embedding" in name:  # std 0.3: tied logits are O(1) too
-        return 0.3 * noise
-      if "lm_head" in name:  # [d, V]
-        fan_in = s.shape[0]
-      elif "o_proj" in name:  # [L, N, H, d]
-        fan_in = s.shape[1] * s.shape[2]
-      else:  # [L, d, (heads, H) | F] or down_proj [L, F, d]
-        fan_in = s.shape[1]
-      return noise / np.sqrt(fan_in).astype(np.float32)
-
-    params = jax.tree.map(jax.numpy.asarray, jax.tree_util.tree_map_with_path(randomize, shapes))
-    assert jax.tree.structure(params) == jax.tree.structure(shapes)
+    params = random_params(cfg, seed)
     made[family, seed] = cfg, params
     return cfg, params
 

@@ -23,6 +23,8 @@ from flexdraft_jax import model as model_lib
 from flexdraft_jax.model_config import ModelConfig
 from flexdraft_jax.sampling import SamplingConfig, probabilities
 
+from conftest import random_params
+
 BUCKET = 16
 M = 14                  # max_new_tokens of the tiny greedy runs
 DCFG = drafter.DrafterConfig(num_draft_layers=1, block_size=4, calib_rank=8)
@@ -37,25 +39,6 @@ SMOLLM2_EOS = 2
 def _exact_matmuls():
   with jax.default_matmul_precision("highest"):
     yield
-
-
-def random_params(cfg: ModelConfig, seed: int):
-  """Target params like conftest's tiny_model (O(1) logits), for configs of our own."""
-  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
-  rng = np.random.RandomState(seed)
-
-  def fill(path, s):
-    name = jax.tree_util.keystr(path)
-    x = rng.standard_normal(s.shape).astype(np.float32)
-    if "scale" in name:
-      return 1.0 + 0.3 * x
-    if "embedding" in name:
-      return 0.3 * x
-    if "lm_head" in name:  # [d, V]
-      return x / np.sqrt(s.shape[0])
-    return x / np.sqrt(s.shape[1] * (s.shape[2] if "o_proj" in name else 1))  # [L, in, ...]
-
-  return jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(fill, shapes))
 
 
 def noisy_drafter(cfg, dcfg, target, seed, noise=0.3):
