@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(slot_decay=0.9, calib_weight=1.0, labels="data"))
 
   c.num_steps = 1000            # the schedule spans optim.total_steps, or num_steps when 0
+  c.time_limit_s = 0.0          # > 0: stop cleanly (eval, save, export) after this many seconds
   c.log_every = 10
   c.save_every = 100
   c.eval_every = 100            # 0 = no held-out evaluation

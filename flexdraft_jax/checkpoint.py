@@ -32,7 +32,7 @@ import safetensors.numpy
 
 # Config keys that may change when resuming a run (matched on the last
 # component of a nested key); any other change is a CheckpointError.
-RESUMABLE_KEYS = frozenset({"num_steps", "log_every", "save_every", "eval_every"})
+RESUMABLE_KEYS = frozenset({"num_steps", "time_limit_s", "log_every", "save_every", "eval_every"})
 
 TARGET_FIELDS = ("family", "hidden_size", "num_layers", "vocab_size", "num_heads",
                  "num_kv_heads", "head_dim")

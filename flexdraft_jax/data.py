@@ -220,8 +220,9 @@ def build_dataset(out_dir: str | pathlib.Path, *, model: str = resources.SMOLLM2
         replies = [engine.tokenizer.encode(r, add_special_tokens=False)[:max_response_len - 1]
                    + [eot] for _, _, r in batch]
       elif batch:
+        # One prompt bucket (max_prompt_len) keeps it to one compile for the whole build.
         completions, _ = engine.generate([p for p, _, _ in batch], max_new_tokens=max_response_len,
-                                         batch_size=batch_size)
+                                         batch_size=batch_size, prompt_bucket=max_prompt_len)
         replies = [c.token_ids for c in completions]
       meta = write_rows(out, [(ids, r) for (_, ids, _), r in zip(batch, replies)],
                         skipped=skipped, **config)

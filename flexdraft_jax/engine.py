@@ -145,11 +145,14 @@ class Engine:
   def generate(self, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                on_token: Callable | None = None,
-               flex: flex_lib.FlexConfig | None = None) -> tuple[list[Completion], Stats]:
+               flex: flex_lib.FlexConfig | None = None,
+               prompt_bucket: int = PROMPT_BUCKET) -> tuple[list[Completion], Stats]:
     """Generates for all prompts, `batch_size` rows at a time.
 
     `flex` (needs a drafter) decodes speculatively in its mode; its
-    max_new_tokens and sampling are taken from the arguments here.
+    max_new_tokens and sampling are taken from the arguments here. Prompts are
+    right-padded to a multiple of `prompt_bucket`, and each padded length
+    compiles once: a bucket at the longest prompt length means one compile.
     """
     if flex is not None and flex.mode != "ar" and self.draft is None:
       raise ValueError(f"mode {flex.mode!r} needs a drafter (Engine(..., drafter=PATH))")
@@ -166,7 +169,7 @@ class Engine:
     for start in range(0, len(ids), batch_size):
       chunk = ids[start:start + batch_size]
       chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # a short last batch repeats a row
-      prompt_bp, lens = generate_lib.pad_prompts(chunk, PROMPT_BUCKET)
+      prompt_bp, lens = generate_lib.pad_prompts(chunk, prompt_bucket)
       capacity = -(-(prompt_bp.shape[1] + room) // CAPACITY_BUCKET) * CAPACITY_BUCKET
       fn = self._executable(batch_size, prompt_bp.shape[1], capacity, max_new_tokens, sampling,
                             on_token, flex, stats)

@@ -34,6 +34,7 @@ from typing import Any
 
 import flax
 import jax
+import numpy as np
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -436,12 +437,36 @@ def _ar(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key, cfg, fcfg, bs
   return tokens, num_new, stats, cache
 
 
+def static_mode(fcfg: FlexConfig, batch: int, costs=None) -> str:
+  """The mode flex would pick at every step of this executable, or 'flex' when it varies.
+
+  The switch depends on the active row count (no cost table) or on the verify
+  width (cost table). When no step can choose differently, because the batch is
+  at most FLEX_BATCH_THRESHOLD or one mode costs no more at every verify width,
+  the decisions are known before tracing, and compiling that mode alone drops
+  the other mode's branches from the loop. The tokens are the same either way.
+  """
+  if fcfg.mode != "flex":
+    return fcfg.mode
+  if costs is None:
+    return "parallel" if batch <= FLEX_BATCH_THRESHOLD else "flex"
+  costs = np.asarray(costs)
+  if np.all(costs[PARALLEL] <= costs[SEQUENTIAL]):  # ties go to parallel, as in `plan`
+    return "parallel"
+  if np.all(costs[SEQUENTIAL] < costs[PARALLEL]):
+    return "sequential"
+  return "flex"
+
+
 def compile_flex(params, cfg: ModelConfig, dcfg: drafter.DrafterConfig, batch: int, width: int,
                  capacity: int, num_stop_ids: int, *, fcfg: FlexConfig, costs=None, on_commit=None):
   """Ahead-of-time compiled `flex_generate` for one shape bucket.
 
   Call it as `exe(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key, costs)`.
+  A flex config whose choice is fixed for this batch and cost table compiles
+  only the mode it would choose (`static_mode`).
   """
+  fcfg = dataclasses.replace(fcfg, mode=static_mode(fcfg, batch, costs))
   cache = jax.eval_shape(lambda: model_lib.KVCache.zeros(cfg, batch, capacity))
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
   return flex_generate.lower(params, cache, i32(batch, width), i32(batch), i32(batch, num_stop_ids),

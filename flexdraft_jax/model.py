@@ -58,24 +58,35 @@ class KVCache:
                lengths=jnp.zeros((batch,), jnp.int32))
 
   def write(self, k_new: jax.Array, v_new: jax.Array) -> "KVCache":
-    """Writes k/v_new [l, B, T, K, H] at each row's current length (lengths unchanged).
-
-    One in-place dynamic_update_slice per row. A batched scatter (vmap) makes
-    XLA transpose and copy the whole cache per step, and a fori_loop over rows
-    makes it copy the cache into the loop; `tests/test_cache_copies.py` checks.
-    """
-    k_new = jnp.swapaxes(k_new, 2, 3).astype(self.k.dtype)  # [l, B, K, T, H]
-    v_new = jnp.swapaxes(v_new, 2, 3).astype(self.v.dtype)
-    k, v = self.k, self.v
-    for b in range(self.lengths.shape[0]):
-      start = (0, b, 0, self.lengths[b], 0)
-      k = lax.dynamic_update_slice(k, k_new[:, b:b + 1], start)
-      v = lax.dynamic_update_slice(v, v_new[:, b:b + 1], start)
+    """Writes k/v_new [l, B, T, K, H] at each row's current length (lengths unchanged)."""
+    per_row = jax.default_backend() == "cpu"
+    k = write_rows(self.k, jnp.swapaxes(k_new, 2, 3), self.lengths, per_row)
+    v = write_rows(self.v, jnp.swapaxes(v_new, 2, 3), self.lengths, per_row)
     return self.replace(k=k, v=v)
 
   def append(self, kv, advance_B) -> "KVCache":
     """Writes kv = (k, v) [l, B, T, K, H] at each row's length, then lengths += advance_B."""
     return self.write(*kv).replace(lengths=self.lengths + advance_B)
+
+
+def write_rows(buf_LBKCH: jax.Array, new_lBKTH: jax.Array, starts_B: jax.Array,
+               per_row: bool) -> jax.Array:
+  """buf with new written at [:l, b, :, starts[b]:starts[b] + T] for every row b.
+
+  per_row=True (XLA:CPU): one in-place dynamic_update_slice per row. There a
+  batched scatter makes XLA transpose and copy the whole cache per step, and a
+  fori_loop over rows copies the cache into the loop (`tests/test_cache_copies.py`),
+  but the unrolled rows compile slowly at large batch. per_row=False
+  (accelerators): one scatter, a vmapped dynamic_update_slice.
+  """
+  new_lBKTH = new_lBKTH.astype(buf_LBKCH.dtype)
+  if per_row:
+    for b in range(starts_B.shape[0]):
+      buf_LBKCH = lax.dynamic_update_slice(buf_LBKCH, new_lBKTH[:, b:b + 1],
+                                           (0, b, 0, starts_B[b], 0))
+    return buf_LBKCH
+  put = lambda buf, new, start: lax.dynamic_update_slice(buf, new, (0, 0, start, 0))
+  return jax.vmap(put, in_axes=(1, 1, 0), out_axes=1)(buf_LBKCH, new_lBKTH, starts_B)
 
 
 # ----------------------------------------------------------------------------

@@ -173,8 +173,10 @@ def generate_data(config, workdir, target=None, fingerprint=None) -> None:
   fingerprint = fingerprint or ckpt_lib.target_fingerprint(target_arch(target[0]), target[1])
   engine = Engine(config.model, target=target, tokenizer=tokenizer_name(config))
   d = config.data
-  for out, split, num in zip(data_dirs(config, workdir), ("train", "heldout"),
-                             (d.num_prompts, d.num_heldout_prompts)):
+  # Held-out first: it is small, so a build stopped early still leaves an eval set.
+  train_dir, heldout_dir = data_dirs(config, workdir)
+  for out, split, num in ((heldout_dir, "heldout", d.num_heldout_prompts),
+                          (train_dir, "train", d.num_prompts)):
     data_lib.build_dataset(out, model=config.model, split=split, num_prompts=num,
                            max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len,
                            batch_size=d.generate_batch_size, responses=d.responses,
@@ -288,9 +290,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     bar = tqdm.tqdm(total=config.num_steps, initial=start, unit="step", file=sys.stderr,
                     disable=not main)
     t_prev, s_prev, tokens = time.perf_counter(), start, 0
+    t_start = t_prev
     for step in range(start + 1, config.num_steps + 1):
       batch = next(it)
       tokens += int(np.sum(batch["segment_ids"] > 0))
+      if config.time_limit_s and step > start + 1:
+        jax.block_until_ready(metrics)  # the clock sees finished steps; one more stays queued
       state, metrics = step_fn(state, target, jax.device_put(batch, b_sh))
       if step % config.log_every == 0 or step == config.num_steps or step == start + 1:
         last = _host(metrics)
@@ -304,6 +309,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
         bar.set_postfix(loss=f"{last['loss']:.3f}", acc0=f"{last['acc'][0]:.2f}",
                         tau=f"{last['tau_proxy_parallel']:.2f}", refresh=False)
       bar.update(1)
+      out_of_time = config.time_limit_s and time.perf_counter() - t_start > config.time_limit_s
+      if out_of_time:  # a clean early end: final eval, save and export below
+        if main:
+          print(f"time_limit_s={config.time_limit_s} reached at step {step}", file=sys.stderr)
+        if config.eval_every:
+          last.update(evaluate(eval_fn, state, target, config, heldout_dir, dcfg, b_sh), step=step)
+          log.write(last)
+        break
       ckpt.maybe_save(step, state.as_dict(), it, force=sigterm.is_set())
       if sigterm.is_set():
         if main:
@@ -311,7 +324,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
         log.close()
         return last
     bar.close()
-    ckpt.maybe_save(config.num_steps, state.as_dict(), it, force=True)
+    ckpt.maybe_save(int(state.step), state.as_dict(), it, force=True)
   log.close()
   if main:
     path = export(config, workdir, state.draft, cfg, dcfg, fingerprint)

@@ -211,3 +211,27 @@ def test_same_tokens_ignore_eos():
   assert not bench.same_tokens([5, 6, 2], [5, 6, 7], eos, ignore_eos=False)
   assert bench.compared_length([5, 6, 2, 9], [5, 6, 7, 8], eos, ignore_eos=True) == 2
   assert bench.compared_length([5, 6, 7], [5, 6, 7], eos, ignore_eos=True) == 3
+
+
+def test_check_ties_separates_near_ties_from_real_divergences(monkeypatch):
+  """A changed token with a large AR logit margin is a real divergence; within eps, a tie."""
+  import numpy as np
+  from conftest import random_params
+  from flexdraft_jax import model as model_lib
+  from flexdraft_jax.model_config import ModelConfig
+  cfg = ModelConfig(family="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
+                    num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8)
+  params = random_params(cfg, seed=3)
+  prompt, ar = [1, 2, 3], []
+  for _ in range(4):  # AR greedy by full forwards
+    logits = np.asarray(model_lib.forward(params, cfg, jax.numpy.array([prompt + ar]))[0][0, -1])
+    ar.append(int(logits.argmax()))
+  logits = np.asarray(model_lib.forward(params, cfg, jax.numpy.array([prompt + ar[:2]]))[0][0, -1])
+  worst = int(logits.argmin())
+  work = bench.Workload(cfg=cfg, params=params, prompt_ids=[prompt], eos_ids=[0], stop_ids=[-1],
+                        pad_id=0, max_new_tokens=4, repeats=1, ignore_eos=True)
+  assert bench.check_ties(work, [prompt], [ar], [ar]) == (0, 0)
+  wrong = ar[:2] + [worst, 5]
+  assert bench.check_ties(work, [prompt], [ar], [wrong]) == (0, 1)
+  monkeypatch.setitem(bench.TIE_EPS, "float32", 1e9)  # every margin is "within eps" now
+  assert bench.check_ties(work, [prompt], [ar], [wrong]) == (1, 0)

@@ -52,3 +52,16 @@ def test_no_fusion_rewrites_the_whole_cache(unroll):
     comp = text[text.index(name + " ("):]
     comp = comp[:comp.index("\n}")]
     assert "dynamic-update-slice" in comp or "dynamic_update_slice" in comp, comp[:600]
+
+
+def test_row_writes_agree_between_the_cpu_loop_and_the_accelerator_scatter():
+  import numpy as np
+  buf = jax.random.normal(jax.random.key(0), (3, 4, 2, 16, 8))
+  new = jax.random.normal(jax.random.key(1), (2, 4, 2, 5, 8))  # fewer layers than the buffer
+  starts = jax.numpy.array([0, 3, 11, 7], jax.numpy.int32)
+  loop = jax.jit(lambda b, n, s: model.write_rows(b, n, s, per_row=True))(buf, new, starts)
+  scat = jax.jit(lambda b, n, s: model.write_rows(b, n, s, per_row=False))(buf, new, starts)
+  np.testing.assert_array_equal(loop, scat)
+  np.testing.assert_array_equal(scat[2], buf[2])          # untouched layer
+  np.testing.assert_array_equal(scat[:2, 2, :, 11:16], new[:, 2])
+  np.testing.assert_array_equal(scat[:2, 2, :, :11], buf[:2, 2, :, :11])

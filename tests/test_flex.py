@@ -401,6 +401,17 @@ def test_no_recompiles(greedy_setup):
   assert flex.flex_generate._cache_size() == size
 
 
+def test_static_mode_compiles_one_mode_only_when_no_step_could_differ():
+  f = flex.FlexConfig(mode="flex")
+  assert flex.static_mode(flex.FlexConfig(mode="sequential"), 1) == "sequential"
+  assert [flex.static_mode(f, b) for b in (1, flex.FLEX_BATCH_THRESHOLD, 3)] == [
+      "parallel", "parallel", "flex"]  # no table: the active count decides, and it can drop
+  cheap_par = np.array([[1.0, 2.0, 3.0], [1.0, 2.5, 3.5]])  # ties go to parallel, as in plan()
+  assert flex.static_mode(f, 8, cheap_par) == "parallel"
+  assert flex.static_mode(f, 8, cheap_par[::-1] + [[0.5], [0.0]]) == "sequential"
+  assert flex.static_mode(f, 8, np.array([[1.0, 3.0], [2.0, 2.0]])) == "flex"  # width decides
+
+
 # ----------------------------------------------------------------------------
 # 5. Bad input
 # ----------------------------------------------------------------------------

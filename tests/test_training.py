@@ -217,6 +217,15 @@ def test_resume_is_exact(tiny_data, tmp_path):
   assert [r["step"] for r in rows][-1] == 4
 
 
+def test_time_limit_stops_cleanly_with_a_checkpoint_and_an_export(tiny_data, tmp_path):
+  """time_limit_s ends the run early like the last step: saved, exported, and resumable."""
+  trainer.run(_tiny_config(tiny_data, num_steps=50, time_limit_s=1e-6), tmp_path)
+  step, exported = _saved(tmp_path)
+  assert step == 1 and "mask" in exported
+  trainer.run(_tiny_config(tiny_data, num_steps=2, time_limit_s=0.0), tmp_path)  # resumes
+  assert _saved(tmp_path)[0] == 2
+
+
 def test_workdir_from_another_config_is_refused(tiny_data, tmp_path):
   trainer.run(_tiny_config(tiny_data, num_steps=2), tmp_path)
   other = _tiny_config(tiny_data, num_steps=4, anchors_per_seq=2)
