@@ -18,11 +18,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) decode.py --prompt="What are three tips for staying focused while studying?" \
-	  --max_new_tokens=128 --stream
+	$(PY) decode.py --prompts_file=mtbench --num_prompts=3 --batch_size=1 --max_new_tokens=128 \
+	  --stream --stats --compare_ar
 
 bench: $(STAMP)
-	$(PY) -m flexdraft_jax.bench --modes=ar,pld,parallel,sequential,flex --batch_sizes=1,4 \
+	$(PY) -m flexdraft_jax.bench --drafter=drafters/smollm2-135m-instruct \
+	  --modes=ar,pld,parallel,sequential,flex --batch_sizes=1,4 \
 	  --num_prompts=4 --max_new_tokens=32 --repeats=1 --compare_hf=false --unroll_layers=false \
 	  --out_dir=bench_out
 

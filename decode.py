@@ -1,8 +1,10 @@
 r"""Generates text with a target model: plain AR or FlexDraft speculative decoding.
 
-  python decode.py --prompt="Tell me a joke."
+  python decode.py --prompt="Tell me a joke."          # flex, with the shipped SmolLM2 drafter
+  python decode.py --prompts_file=mtbench --num_prompts=3 --batch_size=1 --stream --compare_ar
   python decode.py --prompts_file=questions.jsonl --batch_size=8 --max_new_tokens=256
   python decode.py --drafter=runs/smollm2/drafter --mode=flex --stats --stream --prompt="..."
+  python decode.py --drafter=none --prompt="..."       # plain AR decoding
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from absl import logging
 
 _PROMPT = flags.DEFINE_string("prompt", None, "One prompt (a user message).")
 _PROMPTS_FILE = flags.DEFINE_string(
-    "prompts_file", None, "jsonl file; each row has `prompt` (str) or `turns` (first is used).")
+    "prompts_file", None, "jsonl file (each row has `prompt` (str) or `turns`: the first is "
+    "used), or a prompt set: mtbench, sharegpt-heldout, sharegpt-train.")
+_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", None, "Use the first n prompts of the file.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Most tokens generated per prompt.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 means greedy decoding.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, in (0, 1].")
@@ -31,7 +35,12 @@ _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
 _CHAT = flags.DEFINE_bool("chat_template", True, "Apply the model's chat template.")
 _STREAM = flags.DEFINE_bool("stream", False, "Print the first row's tokens as they commit "
                             "(accepted drafts in colour on a tty).")
-_DRAFTER = flags.DEFINE_string("drafter", None, "Exported drafter folder (train.py's workdir/drafter).")
+_DRAFTER = flags.DEFINE_string(
+    "drafter", "auto", "Exported drafter folder (train.py's workdir/drafter); 'auto' = the "
+    "drafter shipped in drafters/ for the default model (none for other models); 'none' = AR.")
+_COMPARE_AR = flags.DEFINE_bool(
+    "compare_ar", False, "Also decode the prompts with plain AR and print the speedup measured "
+    "in this run (and, when greedy, whether the tokens are identical).")
 _MODE = flags.DEFINE_enum("mode", None, ["ar", "parallel", "sequential", "flex"],
                           "Decoding mode; default: flex with a drafter, else ar.")
 _BLOCK = flags.DEFINE_integer("block_size", None,
@@ -48,13 +57,34 @@ _COSTS = flags.DEFINE_string(
 _STATS = flags.DEFINE_bool("stats", False, "Print tau, acceptance by depth and the mode histogram.")
 
 
+def _prompt_sets() -> tuple[str, ...]:
+  from flexdraft_jax import prompts as prompts_lib  # no jax import
+  return prompts_lib.PROMPT_SETS
+
+
+def _drafter_path() -> str | None:
+  """--drafter resolved: a folder, or None for AR ('none', or 'auto' with another model)."""
+  if _DRAFTER.value == "none":
+    return None
+  if _DRAFTER.value == "auto":
+    from flexdraft_jax import resources  # no jax import
+    if _MODEL.value != resources.SMOLLM2_NAME:
+      return None
+    path = resources.shipped_drafter_path()
+    return str(path) if (path / "drafter.json").is_file() else None
+  return _DRAFTER.value
+
+
 def _usage_checks(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if (_PROMPT.value is None) == (_PROMPTS_FILE.value is None):
     raise app.UsageError("pass exactly one of --prompt or --prompts_file")
-  if _PROMPTS_FILE.value and not pathlib.Path(_PROMPTS_FILE.value).is_file():
+  if (_PROMPTS_FILE.value and _PROMPTS_FILE.value not in _prompt_sets()
+      and not pathlib.Path(_PROMPTS_FILE.value).is_file()):
     raise app.UsageError(f"--prompts_file={_PROMPTS_FILE.value} does not exist")
+  if _NUM_PROMPTS.value is not None and _NUM_PROMPTS.value < 1:
+    raise app.UsageError(f"--num_prompts must be >= 1, got {_NUM_PROMPTS.value}")
   if _MAX_NEW.value < 1:
     raise app.UsageError(f"--max_new_tokens must be >= 1, got {_MAX_NEW.value}")
   if _TEMPERATURE.value < 0:
@@ -67,11 +97,11 @@ def _usage_checks(argv):
     raise app.UsageError(f"--batch_size must be >= 1, got {_BATCH.value}")
   if not 0.0 < _THRESHOLD.value <= 1.0:
     raise app.UsageError(f"--verify_threshold must be in (0, 1], got {_THRESHOLD.value}")
-  if _DRAFTER.value is None and _MODE.value not in (None, "ar"):
+  if _drafter_path() is None and _MODE.value not in (None, "ar"):
     raise app.UsageError(f"--mode={_MODE.value} needs --drafter")
   if _COSTS.value is not None and not pathlib.Path(_COSTS.value).is_file():
     raise app.UsageError(f"--costs={_COSTS.value} does not exist")
-  if _DRAFTER.value is not None and not pathlib.Path(_DRAFTER.value).exists():
+  if _DRAFTER.value not in ("auto", "none") and not pathlib.Path(_DRAFTER.value).exists():
     raise app.UsageError(f"--drafter={_DRAFTER.value} does not exist")
   model = _MODEL.value
   if model != "smollm2-135m-instruct" and not pathlib.Path(model).exists():
@@ -91,8 +121,8 @@ def main(argv):
     prompts = [_PROMPT.value]
   else:
     try:
-      prompts = prompts_lib.jsonl(_PROMPTS_FILE.value)
-    except ValueError as e:
+      prompts = prompts_lib.load_prompt_set(_PROMPTS_FILE.value, _NUM_PROMPTS.value)
+    except (ValueError, FileNotFoundError) as e:
       raise app.UsageError(str(e)) from None
   batch = _BATCH.value or min(len(prompts), 8)
   if batch > len(prompts):
@@ -102,7 +132,7 @@ def main(argv):
   logging.info("loading %s", _MODEL.value)
   try:
     engine = engine_lib.Engine(_MODEL.value, None if _DTYPE.value == "auto" else _DTYPE.value,
-                               chat_template=_CHAT.value, drafter=_DRAFTER.value,
+                               chat_template=_CHAT.value, drafter=_drafter_path(),
                                costs=_COSTS.value)
   except (checkpoint.DrafterMismatchError, checkpoint.DrafterFileError, ValueError) as e:
     raise app.UsageError(str(e)) from None
@@ -113,26 +143,40 @@ def main(argv):
   flex = flex_lib.FlexConfig(mode=mode, verify_strategy=_STRATEGY.value,
                              verify_threshold=_THRESHOLD.value)
   printer = engine_lib.StreamPrinter(engine.tokenizer) if _STREAM.value else None
-  if printer:
-    print(f">>> {prompts[0]}\n")
+  # Streaming shows row 0 of each batch; at batch 1 that is every prompt, in turn.
+  chunks = ([[p] for p in prompts] if printer and batch == 1 else [prompts])
+  results, stats = [], engine_lib.Stats()
   try:
-    results, stats = engine.generate(prompts, max_new_tokens=_MAX_NEW.value, batch_size=batch,
-                                     sampling=sampling, seed=_SEED.value, on_token=printer,
-                                     flex=flex)
+    for chunk in chunks:
+      if printer:
+        print(f">>> {chunk[0]}\n")
+      out, _ = engine.generate(chunk, max_new_tokens=_MAX_NEW.value, batch_size=batch,
+                               sampling=sampling, seed=_SEED.value, on_token=printer, flex=flex,
+                               stats=stats)
+      results += out
+      if printer:
+        print("\n")
   except ValueError as e:  # e.g. prompt + max_new_tokens beyond the model, no cost table
     raise app.UsageError(str(e)) from None
   for i, r in enumerate(results):
-    if printer and i == 0:
-      print()
-      continue
-    print(f">>> {r.prompt}\n{r.text}\n")
-  print(f"\n[{mode} | {stats.new_tokens} new tokens | {stats.tokens_per_s:.1f} tok/s (compile "
+    if not (printer and (batch == 1 or i == 0)):
+      print(f">>> {r.prompt}\n{r.text}\n")
+  print(f"[{mode} | {stats.new_tokens} new tokens | {stats.tokens_per_s:.1f} tok/s (compile "
         f"excluded) | tau {stats.tau:.2f} | {stats.forward_passes} forward passes | compile "
         f"{stats.compile_s:.1f} s | batch {batch} | {engine.cfg.dtype}]", file=sys.stderr)
   if _STATS.value:
     print(f"[steps {stats.steps} | modes {stats.modes} | acceptance by depth "
           f"{stats.acceptance_by_depth}]", file=sys.stderr)
-
+  if _COMPARE_AR.value and mode != "ar":
+    ar, ar_stats = engine.generate(prompts, max_new_tokens=_MAX_NEW.value, batch_size=batch,
+                                   sampling=sampling, seed=_SEED.value)
+    same = ""
+    if sampling.greedy:
+      n_same = sum(a.token_ids == r.token_ids for a, r in zip(ar, results))
+      same = f" | greedy tokens identical to AR in {n_same}/{len(ar)} prompts"
+    print(f"[ar | {ar_stats.new_tokens} new tokens | {ar_stats.tokens_per_s:.1f} tok/s | {mode} "
+          f"speedup over AR: {ar_stats.decode_s / stats.decode_s:.2f}x (same prompts, this run, "
+          f"compile excluded){same}]", file=sys.stderr)
 
 if __name__ == "__main__":
   app.run(main)

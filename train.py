@@ -6,6 +6,13 @@ r"""Trains a FlexDraft drafter for a frozen target (see configs/).
       --config.num_steps=500 --config.optim.learning_rate=1e-3
 
 A run resumes from the latest checkpoint in --workdir; SIGTERM saves and exits.
+
+Several processes (hosts) train one model with --multihost, on a workdir they all
+see, after the data is built by one process (--mode=generate). On a TPU pod every
+host runs the same command; elsewhere each gets its id, e.g. on two machines:
+
+  python train.py --config=... --workdir=/shared/run --multihost \
+      --coordinator_address=host0:8476 --num_processes=2 --process_id=0   # =1 on host1
 """
 from __future__ import annotations
 
@@ -21,8 +28,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, data and 
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "generate", "memory"],
                           "train; generate = build the self-distilled datasets only; "
                           "memory = print the per-device memory estimate and exit.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False,
-                               "Call jax.distributed.initialize() first (TPU pods, multi-host).")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False,
+    "Call jax.distributed.initialize() first (TPU pods, multi-host). On a TPU pod or a "
+    "supported cluster (SLURM, Open MPI, Kubernetes) it finds its peers itself; elsewhere give "
+    "--coordinator_address (or JAX_COORDINATOR_ADDRESS), --num_processes and --process_id.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0's coordinator (with --multihost).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (with --multihost).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes) "
+                                   "(with --multihost).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,7 +47,14 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
   import jax
   if _MULTIHOST.value:
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except (ValueError, TypeError, RuntimeError) as e:  # no cluster, bad flags, no coordinator
+      print(f"train.py: error: --multihost: {e} (outside a TPU pod or a supported cluster, give "
+            "--coordinator_address, --num_processes and --process_id)", file=sys.stderr)
+      sys.exit(1)
+  elif any(f.present for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
+    raise app.UsageError("--coordinator_address, --num_processes and --process_id need --multihost")
   from flexdraft_jax import data as data_lib
   from flexdraft_jax import resources
   from flexdraft_jax import trainer
@@ -45,12 +67,20 @@ def main(argv):
              if "model_arch" in config else trainer.load_target(config)[0])
       dcfg = trainer.drafter_config(config, cfg)
       shape = trainer.mesh_shape(config, jax.device_count())
-      for k, v in trainer.check_memory(config, cfg, dcfg, shape).items():
-        print(f"{k:16s} {v:8.2f} GiB per device")
+      est = trainer.check_memory(config, cfg, dcfg, shape)
+      rows, context = trainer.decode_shape(config)
+      print(f"estimated GiB per device on mesh {shape} (data, fsdp, tensor): train step with "
+            f"batch {config.batch_size} x {config.seq_len} tokens, decoding {rows} rows x "
+            f"{context} tokens; without XLA temporaries (see trainer.memory_estimate)")
+      for k, v in est.items():
+        print(f"  {k:20s} {v:8.2f}")
     elif _MODE.value == "generate":
       trainer.generate_data(config, _WORKDIR.value)
     else:
-      trainer.run(config, _WORKDIR.value)
+      last = trainer.run(config, _WORKDIR.value)
+      if jax.process_count() > 1:  # each host's log says where it ended
+        print(f"process {jax.process_index()} of {jax.process_count()} done: step "
+              f"{last.get('step')} loss {last.get('loss')}", file=sys.stderr)
   except (ValueError, MemoryError, FileNotFoundError, weights.WeightsError,
           resources.MissingResourceError, data_lib.DatasetError) as e:
     print(f"train.py: error: {e}", file=sys.stderr)

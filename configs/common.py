@@ -40,6 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.mesh = "auto"               # 'auto' (all devices on 'data') or 'data,fsdp,tensor' sizes
   c.hbm_gib = 0.0               # per-device memory to check the estimate against; 0 = skip
+  # Decoding on the same mesh, for the memory estimate's KV cache (0 = the data build's:
+  # data.generate_batch_size rows of data.max_prompt_len + data.max_response_len tokens).
+  c.decode_batch_size = 0
+  c.decode_context = 0
   c.export_dtype = "bfloat16"
   return c
 
@@ -53,7 +57,9 @@ def pod_slice_config() -> ml_collections.ConfigDict:
   c.data.max_response_len = 2048
   c.seq_len = 4096
   c.batch_size = 32     # one packed row per chip
-  c.anchors_per_seq = 64
+  # 512 mask slots per row: their attention scores over 4k + 512 keys in every draft layer
+  # (no remat) are the train step's largest buffers (`python train.py --mode=memory`).
+  c.anchors_per_seq = 32
   c.num_steps = 20_000
   c.save_every = 500
   c.mesh = "4,8,1"       # a 32-chip v5e slice: data 4 x fsdp 8

@@ -32,7 +32,8 @@ import safetensors.numpy
 
 # Config keys that may change when resuming a run (matched on the last
 # component of a nested key); any other change is a CheckpointError.
-RESUMABLE_KEYS = frozenset({"num_steps", "time_limit_s", "log_every", "save_every", "eval_every"})
+RESUMABLE_KEYS = frozenset({"num_steps", "time_limit_s", "log_every", "save_every", "eval_every",
+                            "decode_batch_size", "decode_context"})
 
 TARGET_FIELDS = ("family", "hidden_size", "num_layers", "vocab_size", "num_heads",
                  "num_kv_heads", "head_dim")
@@ -161,11 +162,18 @@ class Checkpointer:
     """Restores the latest checkpoint's state, and `data_iter`'s position in place.
 
     `abstract_state` gives the tree structure, dtypes and shardings: arrays or
-    `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`).
+    `jax.ShapeDtypeStruct`s with a `.sharding` (e.g. from `jax.eval_shape`, or
+    `training.state_shardings` of the current mesh). Arrays are passed to orbax as
+    ShapeDtypeStructs with their shardings, so every leaf is read straight into
+    its target sharding: a checkpoint saved under one mesh restores under another.
+    A ShapeDtypeStruct without a sharding gets the layout recorded in the checkpoint.
     """
     step = self.latest_step()
     if step is None:
       raise CheckpointError(f"no checkpoint to restore in {self.directory}")
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, jax.Array) else x, abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)

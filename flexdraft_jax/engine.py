@@ -22,6 +22,7 @@ from flexdraft_jax import flex as flex_lib
 from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
 from flexdraft_jax import tokenizer as tokenizer_lib
+from flexdraft_jax import training
 from flexdraft_jax import weights
 from flexdraft_jax.sampling import SamplingConfig
 
@@ -76,7 +77,7 @@ class Engine:
 
   def __init__(self, model: str, dtype: str | None = None, chat_template: bool = True,
                unroll_layers: bool | None = None, *, target=None, tokenizer: str | None = None,
-               drafter: str | None = None, costs: str | None = None):
+               drafter: str | None = None, costs: str | None = None, mesh=None):
     """`unroll_layers` (default: on CPU) runs layers from per-layer param trees.
 
     XLA:CPU copies each layer's weights out of the stacked [L, ...] arrays on
@@ -87,8 +88,14 @@ class Engine:
     this target (architecture and weights fingerprint are checked). `costs` is a
     cost table from `python -m flexdraft_jax.bench --calibrate` (costs.json):
     for a batch size it lists, the flex mode and `expected_throughput` use it;
-    otherwise flex falls back to `flex.FLEX_BATCH_THRESHOLD`.
+    otherwise flex falls back to `flex.FLEX_BATCH_THRESHOLD`. `mesh` (a
+    `jax.sharding.Mesh` from `training.make_mesh`, or its (data, fsdp, tensor)
+    shape) shards params, cache and rows by `training.decode_shardings`.
     """
+    self.mesh = mesh if mesh is None or isinstance(mesh, jax.sharding.Mesh) else (
+        training.make_mesh(mesh))
+    if self.mesh is not None:
+      training.check_mesh(self.mesh)
     self.cfg, params = target if target is not None else weights.load_model(model, dtype=dtype)
     if unroll_layers is None:
       unroll_layers = jax.default_backend() == "cpu"
@@ -100,6 +107,10 @@ class Engine:
       self.dcfg = drafter_lib.DrafterConfig(**meta).validate(self.cfg)
       self.draft = drafter_lib.decoding_draft(draft, unroll_layers)
     self.params = model_lib.decoding_params(params, unroll_layers)
+    if self.mesh is not None:  # placed once, as the executables expect them
+      both = {"target": self.params, "draft": self.draft}
+      both = jax.device_put(both, training.param_shardings(both, self.mesh))
+      self.params, self.draft = both["target"], both["draft"]
     self.costs = {}
     if costs is not None:
       self.costs = {int(b): np.asarray(t, np.float32) for b, t in json.loads(
@@ -126,7 +137,7 @@ class Engine:
       if flex is None:
         exe = generate_lib.compile_generate(
             self.params, self.cfg, batch, width, capacity, len(self.stop_ids),
-            max_new_tokens=max_new_tokens, sampling=sampling, on_token=on_token)
+            max_new_tokens=max_new_tokens, sampling=sampling, on_token=on_token, mesh=self.mesh)
         self._compiled[key] = lambda p, c, x, n, s, k: exe(p, c, x, n, s, k)
       else:
         fcfg = dataclasses.replace(flex, max_new_tokens=max_new_tokens, sampling=sampling)
@@ -136,7 +147,7 @@ class Engine:
                            f"batch size {batch} (bench --calibrate)")
         exe = flex_lib.compile_flex({"target": self.params, "draft": self.draft}, self.cfg,
                                     self.dcfg, batch, width, capacity, len(self.stop_ids),
-                                    fcfg=fcfg, costs=costs, on_commit=on_token)
+                                    fcfg=fcfg, costs=costs, on_commit=on_token, mesh=self.mesh)
         self._compiled[key] = lambda p, c, x, n, s, k: exe(
             {"target": p, "draft": self.draft}, c, x, n, s, k, costs)
       stats.compile_s += time.perf_counter() - start
@@ -146,18 +157,20 @@ class Engine:
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                on_token: Callable | None = None,
                flex: flex_lib.FlexConfig | None = None,
-               prompt_bucket: int = PROMPT_BUCKET) -> tuple[list[Completion], Stats]:
+               prompt_bucket: int = PROMPT_BUCKET,
+               stats: Stats | None = None) -> tuple[list[Completion], Stats]:
     """Generates for all prompts, `batch_size` rows at a time.
 
     `flex` (needs a drafter) decodes speculatively in its mode; its
     max_new_tokens and sampling are taken from the arguments here. Prompts are
     right-padded to a multiple of `prompt_bucket`, and each padded length
     compiles once: a bucket at the longest prompt length means one compile.
+    Pass `stats` to add this call's counts to it (it is also returned).
     """
     if flex is not None and flex.mode != "ar" and self.draft is None:
       raise ValueError(f"mode {flex.mode!r} needs a drafter (Engine(..., drafter=PATH))")
     flex = None if flex is None or flex.mode == "ar" else flex
-    stats = Stats()
+    stats = Stats() if stats is None else stats
     ids = [self.encode(p) for p in prompts]
     longest = max(len(i) for i in ids)
     if longest + max_new_tokens > self.cfg.max_position:
@@ -173,7 +186,9 @@ class Engine:
       capacity = -(-(prompt_bp.shape[1] + room) // CAPACITY_BUCKET) * CAPACITY_BUCKET
       fn = self._executable(batch_size, prompt_bp.shape[1], capacity, max_new_tokens, sampling,
                             on_token, flex, stats)
-      cache = model_lib.KVCache.zeros(self.cfg, batch_size, capacity)
+      zeros = lambda: model_lib.KVCache.zeros(self.cfg, batch_size, capacity)
+      cache = zeros() if self.mesh is None else jax.jit(  # allocated sharded
+          zeros, out_shardings=training.cache_shardings(jax.eval_shape(zeros), self.mesh))()
       stops = generate_lib.stop_matrix(self.stop_ids, batch_size)
       key, sub = jax.random.split(key)
       jax.block_until_ready(cache)

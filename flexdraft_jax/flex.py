@@ -34,7 +34,6 @@ from typing import Any
 
 import flax
 import jax
-import numpy as np
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -42,6 +41,7 @@ from jax import lax
 from flexdraft_jax import drafter
 from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
+from flexdraft_jax import training
 from flexdraft_jax.model_config import ModelConfig
 from flexdraft_jax.sampling import SamplingConfig, probabilities, sample
 
@@ -459,16 +459,36 @@ def static_mode(fcfg: FlexConfig, batch: int, costs=None) -> str:
 
 
 def compile_flex(params, cfg: ModelConfig, dcfg: drafter.DrafterConfig, batch: int, width: int,
-                 capacity: int, num_stop_ids: int, *, fcfg: FlexConfig, costs=None, on_commit=None):
+                 capacity: int, num_stop_ids: int, *, fcfg: FlexConfig, costs=None, on_commit=None,
+                 mesh=None):
   """Ahead-of-time compiled `flex_generate` for one shape bucket.
 
   Call it as `exe(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key, costs)`.
   A flex config whose choice is fixed for this batch and cost table compiles
   only the mode it would choose (`static_mode`).
+
+  With `mesh` (`training.make_mesh`), it is compiled for the shardings of
+  `training.decode_shardings` (the training rules table): params and cache go
+  in, and the cache comes back, sharded that way; tokens and num_new come back
+  split by rows, the stats replicated. Arguments not yet placed (numpy arrays,
+  uncommitted jax arrays) are placed by the call; place the params once with
+  `jax.device_put(params, shardings.params)` so that calls do not move them.
+  Streaming (`on_commit`) works on a one-device mesh only.
   """
   fcfg = dataclasses.replace(fcfg, mode=static_mode(fcfg, batch, costs))
   cache = jax.eval_shape(lambda: model_lib.KVCache.zeros(cfg, batch, capacity))
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-  return flex_generate.lower(params, cache, i32(batch, width), i32(batch), i32(batch, num_stop_ids),
-                             jax.random.key(0), costs, cfg=cfg, dcfg=dcfg, fcfg=fcfg,
-                             on_commit=on_commit).compile()
+  args = (i32(batch, width), i32(batch), i32(batch, num_stop_ids), jax.random.key(0), costs)
+  static = dict(cfg=cfg, dcfg=dcfg, fcfg=fcfg, on_commit=on_commit)
+  if mesh is None:
+    return flex_generate.lower(params, cache, *args, **static).compile()
+  sh = training.decode_shardings(params, cache, mesh)
+  if on_commit is not None and mesh.size > 1:
+    raise ValueError(f"on_commit (streaming) needs a single-device mesh, got {mesh.size} devices: "
+                     "JAX runs ordered host callbacks on one device only")
+  rows, rep = sh.rows, sh.replicated
+  fn = jax.jit(lambda *a: flex_generate(*a, **static),
+               in_shardings=(sh.params, sh.cache, rows, rows, rows, rep, None if costs is None else rep),
+               out_shardings=(rows, rows, rep, sh.cache), donate_argnums=1)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), params)
+  return fn.lower(abstract, cache, *args).compile()

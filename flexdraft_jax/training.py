@@ -6,9 +6,40 @@ trainable leaves AdamW (warmup-cosine, clipping) and frozen ones `set_to_zero`,
 which keeps no state. Gradients are taken of the draft subtree only, so the
 target's zero updates are never used and XLA drops them.
 
-Sharding: every param and batch array has logical axis names; one table,
-`LOGICAL_RULES`, maps them to the mesh axes ('data', 'fsdp', 'tensor'). A
-dimension that a mesh axis does not divide stays replicated on that axis.
+Sharding: every param, batch and KV-cache array has logical axis names; one
+table, `LOGICAL_RULES`, maps them to the mesh axes ('data', 'fsdp', 'tensor'),
+for training (`compile_train_step`) and for decoding (`decode_shardings`, used
+by `flex.compile_flex` and `generate.compile_generate` when given a mesh). A
+dimension that a mesh axis does not divide stays replicated on that axis
+(`spec_for`), so any mesh runs any model; it only shards less.
+
+  array                                 logical axes                 mesh axes
+  embed/embedding      [V, d]           vocab, embed                 tensor, fsdp
+  lm_head/kernel       [d, V]           embed, vocab                 fsdp, tensor
+  q_proj kernel        [d, N, H]        embed, heads, head_dim       fsdp, tensor, -
+  k/v_proj kernel      [d, K, H]        embed, kv_heads, head_dim    fsdp, tensor, -
+  q/k/v_proj bias      [N|K, H]         heads|kv_heads, head_dim     tensor, -
+  o_proj kernel        [N, H, d]        heads, head_dim, embed       tensor, -, fsdp
+  gate/up_proj kernel  [d, F]           embed, mlp                   fsdp, tensor
+  down_proj kernel     [F, d]           mlp, embed                   tensor, fsdp
+  norm scales, draft/mask               norm                         -
+  calib w1 [2d, r], b1 [r]              norm, rank / rank            -
+  calib w2 [r, V], b2 [V]               rank, vocab / vocab          -, tensor
+  train batch          [B, S] / [B, A]  batch, (seq)                 (data, fsdp), -
+  KV cache k/v         [L, B, K, C, H]  layers, batch, kv_heads,     -, (data, fsdp), tensor,
+                                        cache_len, head_dim          -, -
+  cache lengths [B]; prompts [B, P], prompt lengths [B], stop ids [B, S],
+  generated tokens [B, M], num_new [B]  batch                        (data, fsdp)
+  PRNG key, cost table, loop stats      (none)                       replicated
+
+Layer params carry a leading "layers" axis [L, ...] (never sharded) when stacked
+(training, and decoding on accelerators); the unrolled decoding layout
+(`model.decoding_params`, `drafter.decoding_draft`: a tuple of per-layer trees)
+matches the same path suffixes without it, so both layouts shard each layer
+alike. The frozen target is sharded the same way in training and in decoding,
+the draft and its AdamW moments like the draft params. So on a (1, 1, 8) mesh
+decoding is tensor-parallel over heads, kv heads, MLP width and vocabulary, and
+on an (8, 1, 1) mesh data-parallel over the rows of the batch.
 """
 from __future__ import annotations
 
@@ -31,9 +62,10 @@ from flexdraft_jax.model_config import ModelConfig
 Params = Any
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axis -> mesh axes. The one place that says how anything is sharded.
+# Logical axis -> mesh axes. The one place that says how anything is sharded,
+# in training and in decoding (the module docstring lists every array).
 LOGICAL_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp")),  # rows: train sequences, decoded prompts, cache rows
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -44,7 +76,12 @@ LOGICAL_RULES = (
     ("norm", None),
     ("rank", None),
     ("seq", None),
+    ("cache_len", None),          # KV cache slots
 )
+
+# Logical axes of the KV cache buffers `model.KVCache.k/v` [L, B, K, C, H];
+# its `lengths` [B] are ("batch",).
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_len", "head_dim")
 
 # Param path (regex on "a/b/c") -> logical axes, without the leading layer axis
 # that stacked layers carry. Every path must match exactly one entry here and
@@ -122,6 +159,61 @@ def param_shardings(params: Params, mesh: Mesh) -> Params:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, spec_for((mesh.shape["data"] * mesh.shape["fsdp"],) + (1,) * (ndim - 1),
                                       ("batch",) + (None,) * (ndim - 1), mesh))
+
+
+# ----------------------------------------------------------------------------
+# Decoding shardings (the same rules table)
+# ----------------------------------------------------------------------------
+def check_mesh(mesh) -> None:
+  """Raises ValueError unless `mesh` has the axes MESH_AXES, in that order."""
+  if tuple(getattr(mesh, "axis_names", ())) != MESH_AXES:
+    raise ValueError(f"decoding needs a mesh with axes {MESH_AXES} (training.make_mesh), "
+                     f"got {mesh!r}")
+
+
+def rows_sharding(batch: int, mesh: Mesh) -> NamedSharding:
+  """Sharding of any decoding array with `batch` leading rows ([B] or [B, ...]):
+  the rows on 'batch', every later dimension replicated. A batch that
+  data * fsdp does not divide falls back like any other axis (`spec_for`)."""
+  return NamedSharding(mesh, spec_for((batch,), ("batch",), mesh))
+
+
+def cache_shardings(cache, mesh: Mesh):
+  """A `model.KVCache` (or its `jax.eval_shape`) of NamedShardings: k and v by
+  CACHE_AXES (rows on 'batch', kv heads on 'tensor'), lengths by rows."""
+  if np.ndim(cache.k) != 5 or np.shape(cache.k) != np.shape(cache.v):
+    raise ValueError(f"KV cache k/v must both be [L, B, K, C, H], got {np.shape(cache.k)} and "
+                     f"{np.shape(cache.v)}")
+  kv = NamedSharding(mesh, spec_for(np.shape(cache.k), CACHE_AXES, mesh))
+  return cache.replace(k=kv, v=kv, lengths=rows_sharding(np.shape(cache.lengths)[0], mesh))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShardings:
+  """NamedShardings of one decoding call (`decode_shardings`)."""
+  params: Params             # the params tree given, one NamedSharding per leaf
+  cache: Any                 # a model.KVCache of NamedShardings
+  rows: NamedSharding        # every [B, ...] input and output: prompts, prompt lengths,
+                             # stop ids, generated tokens, num_new
+  replicated: NamedSharding  # the PRNG key, the cost table, the loop stats
+
+
+def decode_shardings(params: Params, cache, mesh: Mesh) -> DecodeShardings:
+  """Shardings for decoding over `mesh`, from the same `LOGICAL_RULES` as training.
+
+  `params` is a target tree (`model.init_params` or `model.decoding_params`,
+  stacked or unrolled layers) or `{'target': ..., 'draft': ...}` with the draft
+  from `drafter.init_draft`/`decoding_draft`; leaves may be arrays or
+  `jax.ShapeDtypeStruct`s. `cache` is a `model.KVCache` or its `eval_shape`,
+  whose batch B sizes `rows`. The target is tensor-parallel on heads, kv heads,
+  MLP width and vocab ('tensor') and split on the hidden size over 'fsdp'; the
+  cache and all rows are split on B over ('data', 'fsdp') and the cache also on
+  kv heads over 'tensor'. Non-dividing axes stay replicated.
+  """
+  check_mesh(mesh)
+  return DecodeShardings(params=param_shardings(params, mesh), cache=cache_shardings(cache, mesh),
+                         rows=rows_sharding(np.shape(cache.lengths)[0], mesh),
+                         replicated=NamedSharding(mesh, P()))
 
 
 def make_mesh(shape, devices=None) -> Mesh:

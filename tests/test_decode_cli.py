@@ -27,7 +27,10 @@ def _decode(*args, timeout=300):
     (["--prompt=a", "extra"], "unexpected arguments: extra"),
     (["--prompt=a", "--verify_threshold=0"], "--verify_threshold must be in (0, 1]"),
     (["--prompt=a", "--verify_threshold=1.5"], "--verify_threshold must be in (0, 1]"),
-    (["--prompt=a", "--mode=flex"], "--mode=flex needs --drafter"),
+    (["--prompt=a", "--drafter=none", "--mode=flex"], "--mode=flex needs --drafter"),
+    (["--prompt=a", "--model=/tmp", "--mode=flex"], "--mode=flex needs --drafter"),  # auto: none
+    (["--prompts_file=mtbench", "--num_prompts=0"], "--num_prompts must be >= 1"),
+    (["--prompts_file=nosuchset"], "does not exist"),
     (["--prompt=a", "--drafter=/no/such/drafter"], "does not exist"),
 ])
 def test_bad_flags_are_usage_errors(args, reason):
@@ -46,10 +49,13 @@ def test_malformed_prompts_file(tmp_path):
 
 
 def test_prompt_alone_answers_with_real_text():
-  r = _decode("--prompt=What is the capital of France?", "--max_new_tokens=12")
+  """No flags: flex with the shipped drafter, and --compare_ar checks it against AR."""
+  r = _decode("--prompt=What is the capital of France?", "--max_new_tokens=12", "--compare_ar")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Paris" in r.stdout
-  assert "tok/s (compile excluded)" in r.stderr and "compile" in r.stderr
+  assert "[flex |" in r.stderr and "tok/s (compile excluded)" in r.stderr
+  assert "speedup over AR" in r.stderr
+  assert "greedy tokens identical to AR in 1/1 prompts" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

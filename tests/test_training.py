@@ -146,17 +146,22 @@ def test_slot_targets_respect_segments_and_loss_mask():
 
 def test_meshes_agree_on_8_simulated_devices():
   out = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice_train_step.py"),
-                        "1,1,1", "8,1,1", "2,2,2"], capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+                        "1,1,1", "8,1,1", "2,2,2", "1,1,8"], capture_output=True, text=True,
+                       timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
   assert out.returncode == 0, out.stderr[-3000:]
   runs = json.loads(out.stdout.strip().splitlines()[-1])
   ref = runs["(1, 1, 1)"]
-  for name in ("(8, 1, 1)", "(2, 2, 2)"):
+  for name in ("(8, 1, 1)", "(2, 2, 2)", "(1, 1, 8)"):
     np.testing.assert_allclose(runs[name]["losses"], ref["losses"], rtol=1e-5)
     for a, b in zip(runs[name]["draft"], ref["draft"]):
       np.testing.assert_allclose(a, b, atol=1e-4)
   # The (2,2,2) mesh really shards: some draft leaf is split over fsdp and tensor.
   assert any("fsdp" in s and "tensor" in s for s in runs["(2, 2, 2)"]["shardings"].values())
+  # (1,1,8): the calibration head is split on vocab (128) 8 ways; the draft projectors'
+  # 4 heads / 2 kv heads are not divisible by 8 and stay replicated on 'tensor'.
+  specs = runs["(1, 1, 8)"]["shardings"]
+  assert specs["['calib']['w2']"] == str(jax.sharding.PartitionSpec(None, "tensor"))
+  assert "tensor" not in specs["['layers']['q_proj']['kernel']"]
 
 
 @pytest.mark.parametrize("name", ["qwen3_8b", "llama3_8b"])
