@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-test.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 demo: $(STAMP)
 	$(PY) decode.py --prompts_file=mtbench --num_prompts=3 --batch_size=1 --max_new_tokens=128 \
