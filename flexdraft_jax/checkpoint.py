@@ -258,6 +258,9 @@ def target_fingerprint(target_cfg_dict: dict, target_params: Any) -> str:
                  in jax.tree_util.tree_flatten_with_path(target_params)[0]), key=lambda kv: kv[0])
   for (name, leaf), sample in zip(flat, _samples([leaf for _, leaf in flat])):
     h.update(f"{name}{tuple(leaf.shape)}".encode())
+    if isinstance(sample, jax.Array) and not sample.is_fully_addressable:  # multi-process
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      sample = multihost_utils.process_allgather(sample, tiled=True)
     h.update(np.asarray(sample).tobytes())
   return h.hexdigest()
 

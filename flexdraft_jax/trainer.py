@@ -76,9 +76,17 @@ def target_arch(cfg: ModelConfig) -> dict:
   return {f: getattr(cfg, f) for f in ckpt_lib.TARGET_FIELDS}
 
 
-def load_target(config):
-  """(cfg, params) of the target: real weights, or random ones for model='random'."""
+def load_target(config, mesh=None):
+  """(cfg, params) of the target: real weights, or random ones for model='random'.
+
+  With a mesh, an HF checkpoint folder is read straight into the params'
+  shardings (`weights.load_hf_sharded`): each process reads only its devices'
+  slices of the safetensors files.
+  """
   dtype = _dtype(config)
+  if mesh is not None and pathlib.Path(config.model).is_dir():
+    return weights.load_hf_sharded(config.model, lambda p: training.param_shardings(p, mesh),
+                                   dtype, dtype)
   if config.model == "random":
     cfg = arch_config(config.random_model.to_dict(), dtype)
     # One compiled init rather than hundreds of small op-by-op compiles.
@@ -317,6 +325,8 @@ def put_global(tree, shardings):
     return jax.device_put(tree, shardings)
 
   def put(x, sharding):
+    if isinstance(x, jax.Array) and x.sharding == sharding:  # e.g. loaded into its shards
+      return x
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
   return jax.tree.map(put, tree, shardings)
@@ -402,10 +412,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   workdir = pathlib.Path(workdir).absolute()  # orbax wants absolute paths
   workdir.mkdir(parents=True, exist_ok=True)
   main = jax.process_index() == 0
-  cfg, target = load_target(config)
+  mesh = training.make_mesh(mesh_shape(config, jax.device_count()))
+  cfg, target = load_target(config, mesh)
   dcfg = drafter_config(config, cfg)
   lcfg, ocfg = loss_config(config), optim_config(config)
-  mesh = training.make_mesh(mesh_shape(config, jax.device_count()))
   est = check_memory(config, cfg, dcfg, mesh.devices.shape)
   fingerprint = ckpt_lib.target_fingerprint(target_arch(cfg), target)
 

@@ -176,6 +176,111 @@ def load_hf(folder: str | pathlib.Path, dtype: str, param_dtype: str):
   return cfg, convert(cfg, get)
 
 
+def _hf_layout(cfg: ModelConfig) -> dict[str, tuple[str, tuple[tuple[int, tuple[int, ...]], ...]]]:
+  """Our param path -> (HF tensor name, with {i} for the layer, and axis groups).
+
+  Each group (hf_axis, sizes) says that our next len(sizes) axes come from one
+  HF axis, split row-major into `sizes` (the inverse of `convert`'s transposes
+  and reshapes). Layer params also have a leading layer axis.
+  """
+  d, n, k, h, f, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                      cfg.intermediate_size, cfg.vocab_size)
+  a, m = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+  out = {
+      "embed/embedding": ("model.embed_tokens.weight", ((0, (v,)), (1, (d,)))),
+      "final_norm/scale": ("model.norm.weight", ((0, (d,)),)),
+      "layers/input_norm/scale": ("model.layers.{i}.input_layernorm.weight", ((0, (d,)),)),
+      "layers/post_norm/scale": ("model.layers.{i}.post_attention_layernorm.weight", ((0, (d,)),)),
+      "layers/attn/q_proj/kernel": (a + "q_proj.weight", ((1, (d,)), (0, (n, h)))),
+      "layers/attn/k_proj/kernel": (a + "k_proj.weight", ((1, (d,)), (0, (k, h)))),
+      "layers/attn/v_proj/kernel": (a + "v_proj.weight", ((1, (d,)), (0, (k, h)))),
+      "layers/attn/o_proj/kernel": (a + "o_proj.weight", ((1, (n, h)), (0, (d,)))),
+      "layers/mlp/gate_proj/kernel": (m + "gate_proj.weight", ((1, (d,)), (0, (f,)))),
+      "layers/mlp/up_proj/kernel": (m + "up_proj.weight", ((1, (d,)), (0, (f,)))),
+      "layers/mlp/down_proj/kernel": (m + "down_proj.weight", ((1, (f,)), (0, (d,)))),
+  }
+  if cfg.qkv_bias:
+    for name, heads in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
+      out[f"layers/attn/{name}/bias"] = (a + f"{name}.bias", ((0, (heads, h)),))
+  if cfg.qk_norm:
+    out["layers/attn/q_norm/scale"] = (a + "q_norm.weight", ((0, (h,)),))
+    out["layers/attn/k_norm/scale"] = (a + "k_norm.weight", ((0, (h,)),))
+  if not cfg.tie_embeddings:
+    out["lm_head/kernel"] = ("lm_head.weight", ((1, (d,)), (0, (v,))))
+  return out
+
+
+def _read_region(handle, name: str, groups, index: tuple[slice, ...]) -> np.ndarray:
+  """Our-layout region `index` of HF tensor `name`, reading only the rows it needs."""
+  hf_slices, spans, inner = [slice(None)] * len(groups), [], []
+  axis = 0
+  for hf_axis, sizes in groups:
+    mine = index[axis:axis + len(sizes)]
+    outer = mine[0].indices(sizes[0])
+    block = int(np.prod(sizes[1:], dtype=np.int64))
+    hf_slices[hf_axis] = slice(outer[0] * block, outer[1] * block)
+    spans.append((outer[1] - outer[0],) + tuple(sizes[1:]))
+    inner += [slice(None)] + list(mine[1:])  # outer axis done; inner axes are read whole
+    axis += len(sizes)
+  block = np.asarray(handle.get_slice(name)[tuple(hf_slices)], np.float32)
+  block = block.transpose([g[0] for g in groups])  # HF axes in our group order
+  return block.reshape(sum(spans, ()))[tuple(inner)]
+
+
+def load_hf_sharded(folder: str | pathlib.Path, shardings_for: Callable, dtype: str,
+                    param_dtype: str):
+  """`(cfg, params)` from an HF folder, each array built directly in its shards.
+
+  `shardings_for(abstract_params)` returns the params' shardings (for example
+  `lambda p: training.param_shardings(p, mesh)`). Every device's shard is read
+  from the safetensors files on its own (`jax.make_array_from_callback` with
+  safetensors slices), so no process holds a whole tensor unless a shard is the
+  whole tensor, and each process reads only what its devices hold.
+  """
+  from flexdraft_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from safetensors import safe_open
+  folder = pathlib.Path(folder)
+  cfg_path = folder / "config.json"
+  if not cfg_path.is_file():
+    raise WeightsError(f"{folder} is not an HF checkpoint folder: config.json is missing")
+  hf = json.loads(cfg_path.read_text())
+  files = _safetensors_index(folder)
+  tied = "lm_head.weight" not in files
+  cfg = config_from_hf(hf, tie_embeddings=tied, dtype=dtype, param_dtype=param_dtype)
+  abstract = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  shardings = shardings_for(abstract)
+  layout, handles = _hf_layout(cfg), {}
+
+  def handle(name):
+    if name not in files:
+      raise WeightsError(f"tensor {name} is missing from the checkpoint in {folder}")
+    if files[name] not in handles:
+      handles[files[name]] = safe_open(files[name], framework="flax")
+    return handles[files[name]]
+
+  def build(path, leaf, sharding):
+    key = "/".join(str(getattr(p, "key", p)) for p in path)
+    if key not in layout:
+      raise WeightsError(f"no HF tensor maps to param {key}")
+    name, groups = layout[key]
+    want = tuple(n for _, sizes in groups for n in sizes)
+    stacked = key.startswith("layers/")
+    if tuple(leaf.shape[stacked:]) != want:
+      raise WeightsError(f"param {key} has shape {leaf.shape}; the HF layout implies {want}")
+
+    def region(index):
+      if not stacked:
+        return _read_region(handle(name), name, groups, index).astype(leaf.dtype)
+      rows = range(*index[0].indices(leaf.shape[0]))
+      return np.stack([_read_region(handle(name.format(i=i)), name.format(i=i), groups, index[1:])
+                       for i in rows]).astype(leaf.dtype)
+
+    return jax.make_array_from_callback(leaf.shape, sharding, region)
+
+  params = jax.tree_util.tree_map_with_path(build, abstract, shardings)
+  return cfg, params
+
+
 # ----------------------------------------------------------------------------
 # GGUF
 # ----------------------------------------------------------------------------
