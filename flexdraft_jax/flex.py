@@ -41,7 +41,6 @@ from jax import lax
 from flexdraft_jax import drafter
 from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
-from flexdraft_jax import training
 from flexdraft_jax.model_config import ModelConfig
 from flexdraft_jax.sampling import SamplingConfig, probabilities, sample
 
@@ -482,13 +481,5 @@ def compile_flex(params, cfg: ModelConfig, dcfg: drafter.DrafterConfig, batch: i
   static = dict(cfg=cfg, dcfg=dcfg, fcfg=fcfg, on_commit=on_commit)
   if mesh is None:
     return flex_generate.lower(params, cache, *args, **static).compile()
-  sh = training.decode_shardings(params, cache, mesh)
-  if on_commit is not None and mesh.size > 1:
-    raise ValueError(f"on_commit (streaming) needs a single-device mesh, got {mesh.size} devices: "
-                     "JAX runs ordered host callbacks on one device only")
-  rows, rep = sh.rows, sh.replicated
-  fn = jax.jit(lambda *a: flex_generate(*a, **static),
-               in_shardings=(sh.params, sh.cache, rows, rows, rows, rep, None if costs is None else rep),
-               out_shardings=(rows, rows, rep, sh.cache), donate_argnums=1)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), params)
-  return fn.lower(abstract, cache, *args).compile()
+  return generate_lib.compile_on_mesh(lambda *a: flex_generate(*a, **static), params, cache, args,
+                                      mesh, "on_commit" if on_commit is not None else None)

@@ -113,13 +113,24 @@ def compile_generate(params, cfg: ModelConfig, batch: int, width: int, capacity:
   static = dict(cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, on_token=on_token)
   if mesh is None:
     return generate.lower(params, cache, *args, **static).compile()
+  return compile_on_mesh(lambda *a: generate(*a, **static), params, cache, args, mesh,
+                         "on_token" if on_token is not None else None)
+
+
+def compile_on_mesh(fn, params, cache, args, mesh, streaming: str | None):
+  """`fn(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key, *rest)` compiled for
+  `training.decode_shardings`: params and cache in (the cache donated) and out sharded
+  that way, rows of the batch inputs and of the first two outputs split, the key, the
+  third output and any non-None `rest` replicated. `streaming` names the host callback
+  argument in use, if any (refused on more than one device).
+  """
   sh = training.decode_shardings(params, cache, mesh)
-  if on_token is not None and mesh.size > 1:
-    raise ValueError(f"on_token (streaming) needs a single-device mesh, got {mesh.size} devices: "
-                     "JAX runs ordered host callbacks on one device only")
+  if streaming is not None and mesh.size > 1:
+    raise ValueError(f"{streaming} (streaming) needs a single-device mesh, got {mesh.size} "
+                     "devices: JAX runs ordered host callbacks on one device only")
   rows, rep = sh.rows, sh.replicated
-  fn = jax.jit(lambda *a: generate(*a, **static), in_shardings=(sh.params, sh.cache, rows, rows,
-                                                                rows, rep),
+  rest = tuple(None if a is None else rep for a in args[4:])
+  fn = jax.jit(fn, in_shardings=(sh.params, sh.cache, rows, rows, rows, rep) + rest,
                out_shardings=(rows, rows, rep, sh.cache), donate_argnums=1)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), params)
   return fn.lower(abstract, cache, *args).compile()

@@ -150,9 +150,9 @@ def _safetensors_index(folder: pathlib.Path) -> dict[str, pathlib.Path]:
   return files
 
 
-def load_hf(folder: str | pathlib.Path, dtype: str, param_dtype: str):
+def _open_hf(folder: pathlib.Path, dtype: str, param_dtype: str):
+  """(cfg, handle): the folder's config, and name -> open safetensors file holding it."""
   from safetensors import safe_open
-  folder = pathlib.Path(folder)
   cfg_path = folder / "config.json"
   if not cfg_path.is_file():
     raise WeightsError(f"{folder} is not an HF checkpoint folder: config.json is missing")
@@ -165,15 +165,20 @@ def load_hf(folder: str | pathlib.Path, dtype: str, param_dtype: str):
   cfg = config_from_hf(hf, tie_embeddings=tied, dtype=dtype, param_dtype=param_dtype)
   handles = {}
 
-  def get(name):
+  def handle(name):
     if name not in files:
       raise WeightsError(f"tensor {name} is missing from the checkpoint in {folder}")
-    path = files[name]
-    if path not in handles:
-      handles[path] = safe_open(path, framework="flax")  # flax: reads bf16 too
-    return np.asarray(handles[path].get_tensor(name))  # convert() checks dtype, then casts
+    if files[name] not in handles:
+      handles[files[name]] = safe_open(files[name], framework="flax")  # flax: reads bf16 too
+    return handles[files[name]]
 
-  return cfg, convert(cfg, get)
+  return cfg, handle
+
+
+def load_hf(folder: str | pathlib.Path, dtype: str, param_dtype: str):
+  cfg, handle = _open_hf(pathlib.Path(folder), dtype, param_dtype)
+  # convert() checks each tensor's dtype, then casts.
+  return cfg, convert(cfg, lambda name: np.asarray(handle(name).get_tensor(name)))
 
 
 def _hf_layout(cfg: ModelConfig) -> dict[str, tuple[str, tuple[tuple[int, tuple[int, ...]], ...]]]:
@@ -238,25 +243,10 @@ def load_hf_sharded(folder: str | pathlib.Path, shardings_for: Callable, dtype: 
   whole tensor, and each process reads only what its devices hold.
   """
   from flexdraft_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from safetensors import safe_open
-  folder = pathlib.Path(folder)
-  cfg_path = folder / "config.json"
-  if not cfg_path.is_file():
-    raise WeightsError(f"{folder} is not an HF checkpoint folder: config.json is missing")
-  hf = json.loads(cfg_path.read_text())
-  files = _safetensors_index(folder)
-  tied = "lm_head.weight" not in files
-  cfg = config_from_hf(hf, tie_embeddings=tied, dtype=dtype, param_dtype=param_dtype)
+  cfg, handle = _open_hf(pathlib.Path(folder), dtype, param_dtype)
   abstract = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
   shardings = shardings_for(abstract)
-  layout, handles = _hf_layout(cfg), {}
-
-  def handle(name):
-    if name not in files:
-      raise WeightsError(f"tensor {name} is missing from the checkpoint in {folder}")
-    if files[name] not in handles:
-      handles[files[name]] = safe_open(files[name], framework="flax")
-    return handles[files[name]]
+  layout = _hf_layout(cfg)
 
   def build(path, leaf, sharding):
     key = "/".join(str(getattr(p, "key", p)) for p in path)
