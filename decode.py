@@ -20,6 +20,9 @@ _PROMPTS_FILE = flags.DEFINE_string(
     "prompts_file", None, "jsonl file (each row has `prompt` (str) or `turns`: the first is "
     "used), or a prompt set: mtbench, sharegpt-heldout, sharegpt-train.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", None, "Use the first n prompts of the file.")
+_MAX_PROMPT = flags.DEFINE_integer(
+    "max_prompt_tokens", None, "Skip prompts of the file longer than this many tokens (chat "
+    "template included); --num_prompts counts the prompts kept. Default: keep all.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Most tokens generated per prompt.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 means greedy decoding.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, in (0, 1].")
@@ -83,6 +86,8 @@ def _usage_checks(argv):
   if (_PROMPTS_FILE.value and _PROMPTS_FILE.value not in _prompt_sets()
       and not pathlib.Path(_PROMPTS_FILE.value).is_file()):
     raise app.UsageError(f"--prompts_file={_PROMPTS_FILE.value} does not exist")
+  if _MAX_PROMPT.value is not None and (_MAX_PROMPT.value < 1 or _PROMPTS_FILE.value is None):
+    raise app.UsageError("--max_prompt_tokens must be >= 1 and needs --prompts_file")
   if _NUM_PROMPTS.value is not None and _NUM_PROMPTS.value < 1:
     raise app.UsageError(f"--num_prompts must be >= 1, got {_NUM_PROMPTS.value}")
   if _MAX_NEW.value < 1:
@@ -117,18 +122,6 @@ def main(argv):
   from flexdraft_jax import prompts as prompts_lib
   from flexdraft_jax.sampling import SamplingConfig
 
-  if _PROMPT.value is not None:
-    prompts = [_PROMPT.value]
-  else:
-    try:
-      prompts = prompts_lib.load_prompt_set(_PROMPTS_FILE.value, _NUM_PROMPTS.value)
-    except (ValueError, FileNotFoundError) as e:
-      raise app.UsageError(str(e)) from None
-  batch = _BATCH.value or min(len(prompts), 8)
-  if batch > len(prompts):
-    raise app.UsageError(f"--batch_size={batch} is larger than the {len(prompts)} prompt(s)")
-  sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-
   logging.info("loading %s", _MODEL.value)
   try:
     engine = engine_lib.Engine(_MODEL.value, None if _DTYPE.value == "auto" else _DTYPE.value,
@@ -136,6 +129,23 @@ def main(argv):
                                costs=_COSTS.value)
   except (checkpoint.DrafterMismatchError, checkpoint.DrafterFileError, ValueError) as e:
     raise app.UsageError(str(e)) from None
+  if _PROMPT.value is not None:
+    prompts = [_PROMPT.value]
+  else:
+    keep = None
+    if _MAX_PROMPT.value is not None:
+      keep = lambda text: len(engine.encode(text)) <= _MAX_PROMPT.value
+    try:
+      prompts = prompts_lib.load_prompt_set(_PROMPTS_FILE.value, _NUM_PROMPTS.value, keep)
+    except (ValueError, FileNotFoundError) as e:
+      raise app.UsageError(str(e)) from None
+    if not prompts:
+      raise app.UsageError(f"no prompt of {_PROMPTS_FILE.value} has at most "
+                           f"{_MAX_PROMPT.value} tokens")
+  batch = _BATCH.value or min(len(prompts), 8)
+  if batch > len(prompts):
+    raise app.UsageError(f"--batch_size={batch} is larger than the {len(prompts)} prompt(s)")
+  sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   if _BLOCK.value is not None and engine.dcfg and _BLOCK.value != engine.dcfg.block_size:
     raise app.UsageError(f"--block_size={_BLOCK.value} but the drafter was trained with "
                          f"block_size={engine.dcfg.block_size}")

@@ -29,16 +29,20 @@ with `--profile`, and prints a table.
 
   python -m flexdraft_jax.bench --calibrate --drafter=workdir/drafter --batch_sizes=1,2,4,8
 
-instead times one step of each kind at each batch size and verify width
-w in `flex.verify_buckets(block_size)` and writes `out_dir/costs.json`:
-{"<batch_size>": [[parallel ms per w], [sequential ms per w]], ...}, the
-`costs` [2, len(verify_buckets)] of `flex.flex_generate` for that batch size.
-A parallel step is one mixed pass over w clean tokens with w+1 groups; a
-sequential step is a target pass over w tokens then a mixed pass over 1 token
-with one group (cache writes included; verify and drafting math excluded).
-Each is jitted on its own over a zero cache whose rows hold the typical
-mid-generation length (mean prompt + max_new_tokens / 2); the median of
-`--profile_runs` calls is kept.
+instead measures the flex policy's cost table (`flex.CostTable`) and writes
+`out_dir/costs.json` (`flex.save_costs`), which `--costs` here and in decode.py
+read:
+- step_ms: one step of each kind at each batch size and verify width w in
+  `flex.verify_buckets(block_size)`. A parallel step is one mixed pass over w
+  clean tokens with w+1 groups; a sequential step is a target pass over w
+  tokens then a mixed pass over 1 token with one group (cache writes included;
+  verify and drafting math excluded). Each is jitted on its own over a zero
+  cache whose rows hold the typical mid-generation length (mean prompt +
+  max_new_tokens / 2); the median of `--profile_runs` calls is kept.
+- tau: the committed tokens per row-step of the parallel and of the sequential
+  mode, from decoding the prompts in each mode at the largest batch size.
+Calibrate on other prompts than the ones you then time (e.g. the held-out
+ShareGPT split for MT-Bench), so that flex does not learn the test set.
 """
 from __future__ import annotations
 
@@ -95,8 +99,15 @@ _DRAFTER = flags.DEFINE_string("drafter", None, "Exported drafter folder; defaul
 _RANDOM_LAYERS = flags.DEFINE_integer("random_drafter_layers", 4,
                                       "Draft layers K of the random drafter (no --drafter).")
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 8, "Block size of the random drafter.")
-_CALIBRATE = flags.DEFINE_bool("calibrate", False, "Only time the flex steps per batch size and "
-                                "verify width and write out_dir/costs.json (see above).")
+_CALIBRATE = flags.DEFINE_bool("calibrate", False, "Only measure the flex cost table (step times "
+                                "per batch size and verify width, tau per mode) and write "
+                                "out_dir/costs.json (see above).")
+_COSTS = flags.DEFINE_string("costs", None, "Cost table (costs.json of --calibrate) for the speculative "
+                             "modes; without one, flex switches on the active row count "
+                             "(flex.FLEX_BATCH_THRESHOLD).")
+_MAX_PROMPT = flags.DEFINE_integer(
+    "max_prompt_tokens", None, "Skip prompts longer than this many chat-templated tokens (the "
+    "first --num_prompts of the rest are used); default: keep all.")
 _STRATEGY = flags.DEFINE_enum("verify_strategy", "cumulative_product", list(flex_lib.STRATEGIES[:2])
                               + ["full"], "How many drafts a speculative step verifies ('full': "
                               "all, one compiled width, the fastest to compile).")
@@ -137,6 +148,8 @@ class Options:
   block_size: int = 8
   verify_strategy: str = "cumulative_product"
   calibrate: bool = False
+  costs: str | None = None           # a --calibrate costs.json
+  max_prompt_tokens: int | None = None
   batch_sizes: tuple[int, ...] = (1, 8)
   compare_hf: bool = True
   hf_num_threads: int | None = None  # None: torch's default
@@ -162,6 +175,7 @@ class Workload:
   verify_strategy: str = "cumulative_product"
   dcfg: drafter_lib.DrafterConfig | None = None
   draft: Any = None             # decoding draft params (None: pld/ar only)
+  costs: dict[int, flex_lib.CostTable] = dataclasses.field(default_factory=dict)  # per batch
 
 
 @dataclasses.dataclass
@@ -267,15 +281,19 @@ def run_flex(work: Workload, groups: Groups, *, mode: str) -> ModeResult:
   fcfg = flex_lib.FlexConfig(mode=mode, verify_strategy=work.verify_strategy, max_new_tokens=m)
   params = {"target": work.params, "draft": work.draft}
   result, compiled, stats = ModeResult(groups=[]), {}, []
+  costs = work.costs.get(len(groups[0])) if mode != "pld" else None
+  if mode == "flex" and work.costs and costs is None:
+    logging.warning("flex: the cost table has no batch size %d; falling back to the "
+                    "active-row threshold", len(groups[0]))
   for group in groups:
     prompt_bp, lens_b = generate_lib.pad_prompts(group, PROMPT_BUCKET, work.pad_id)
     b, width = prompt_bp.shape
     args = (jnp.asarray(prompt_bp), jnp.asarray(lens_b),
-            jnp.asarray(generate_lib.stop_matrix(work.stop_ids, b)), jax.random.key(0), None)
+            jnp.asarray(generate_lib.stop_matrix(work.stop_ids, b)), jax.random.key(0), costs)
     if (b, width) not in compiled:  # [executable, cache]: the cache is donated and handed back
       start = time.perf_counter()
       exe = flex_lib.compile_flex(params, work.cfg, work.dcfg, b, width, width + m + 2 * bs,
-                                  len(work.stop_ids), fcfg=fcfg)
+                                  len(work.stop_ids), fcfg=fcfg, costs=costs)
       result.compile_s += time.perf_counter() - start
       cache = model_lib.KVCache.zeros(work.cfg, b, width + m + 2 * bs)
       compiled[b, width] = [exe, jax.block_until_ready(exe(params, cache, *args))[3]]  # warm-up
@@ -300,7 +318,9 @@ def run_flex(work: Workload, groups: Groups, *, mode: str) -> ModeResult:
       forward_passes=int(total("forward_passes")),
       mean_verify_len=(float(np.dot(hist, flex_lib.verify_buckets(bs)) / hist.sum())
                        if hist.sum() else None),
-      mode_histogram=dict(zip(("parallel", "sequential", "pld"), total("modes").tolist())))
+      mode_histogram=dict(zip(("parallel", "sequential", "pld"), total("modes").tolist())),
+      cost_table=costs is not None,
+      compiled_mode=flex_lib.static_mode(fcfg, len(groups[0]), costs))
   return result
 
 
@@ -456,8 +476,10 @@ def _sequential_step(params, cache, tokens_BW, *, cfg, dcfg):
   return logits, logits2, h, cache.append(kv, stay)
 
 
-def calibrate(work: Workload, batch_sizes: Sequence[int], runs: int) -> dict[str, list]:
-  """{str(batch): [[parallel ms per verify width], [sequential ms per verify width]]}."""
+def calibrate(work: Workload, batch_sizes: Sequence[int],
+              runs: int) -> tuple[dict[int, list], dict[str, float]]:
+  """({batch: [[parallel ms per verify width], [sequential ...]]}, {mode: tau}): the
+  `flex.CostTable`s of these batch sizes (see the module docstring)."""
   m, bs = work.max_new_tokens, work.dcfg.block_size
   width = -(-max(len(p) for p in work.prompt_ids) // PROMPT_BUCKET) * PROMPT_BUCKET
   typical = round(statistics.mean(len(p) for p in work.prompt_ids) + m / 2)
@@ -475,8 +497,12 @@ def calibrate(work: Workload, batch_sizes: Sequence[int], runs: int) -> dict[str
                   for w in flex_lib.verify_buckets(bs)])
     logging.info("calibrate: batch %d: parallel %s ms, sequential %s ms", b,
                  *[[round(c, 2) for c in r] for r in row])
-    out[str(b)] = row
-  return out
+    out[b] = row
+  groups = _groups(work.prompt_ids, max(batch_sizes))
+  once = dataclasses.replace(work, repeats=1, costs={})
+  tau = {mode: run_flex(once, groups, mode=mode).extra["tau"] for mode in ("parallel", "sequential")}
+  logging.info("calibrate: tau %s", {m: round(t, 3) for m, t in tau.items()})
+  return out, tau
 
 
 @jax.jit
@@ -715,6 +741,8 @@ def validate(opts: Options) -> None:
     raise app.UsageError(f"--hf_num_threads must be >= 1, got {opts.hf_num_threads}")
   if opts.repeats < 1 or opts.profile_runs < 1:
     raise app.UsageError("--repeats and --profile_runs must be >= 1")
+  if opts.max_prompt_tokens is not None and opts.max_prompt_tokens < 1:
+    raise app.UsageError(f"--max_prompt_tokens must be >= 1, got {opts.max_prompt_tokens}")
   if opts.block_size < 2 or opts.random_drafter_layers < 1:
     raise app.UsageError("--block_size must be >= 2 and --random_drafter_layers >= 1")
 
@@ -773,18 +801,22 @@ def run(opts: Options) -> dict[str, Any]:
   """Runs the benchmark; writes and returns {"header": ..., "rows": [...]}."""
   validate(opts)
 
+  tok = tokenizer_lib.load_tokenizer(opts.model)
+  keep = None
+  if opts.max_prompt_tokens is not None:
+    keep = lambda t: len(tokenizer_lib.chat_prompt_ids(tok, t)) <= opts.max_prompt_tokens
   try:
-    texts = prompts_lib.load_prompt_set(opts.prompts, opts.num_prompts)
+    texts = prompts_lib.load_prompt_set(opts.prompts, opts.num_prompts, keep)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
   if len(texts) < opts.num_prompts:
-    raise app.UsageError(f"--prompts={opts.prompts} has only {len(texts)} prompts; "
-                         f"--num_prompts={opts.num_prompts}")
+    raise app.UsageError(f"--prompts={opts.prompts} has only {len(texts)} prompts" + (
+        f" of at most {opts.max_prompt_tokens} tokens" if keep else "") +
+                         f"; --num_prompts={opts.num_prompts}")
   out_dir = pathlib.Path(opts.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
 
   start = time.perf_counter()
-  tok = tokenizer_lib.load_tokenizer(opts.model)
   cfg, params = weights.load_model(opts.model, dtype=opts.dtype)
   dcfg, draft, drafter_header = load_drafter(opts, cfg, params, out_dir)
   params = model_lib.decoding_params(params, opts.unroll_layers)
@@ -804,11 +836,17 @@ def run(opts: Options) -> dict[str, Any]:
                   draft=draft)
 
   if opts.calibrate:
-    costs = calibrate(work, opts.batch_sizes, opts.profile_runs)
-    (out_dir / "costs.json").write_text(json.dumps(costs, indent=2) + "\n")
+    step_ms, tau = calibrate(work, opts.batch_sizes, opts.profile_runs)
+    head = dict(header(opts, cfg), **drafter_header, load_avg_end=_load_avg())
+    flex_lib.save_costs(out_dir / "costs.json", step_ms, tau, dcfg.block_size, head)
     logging.info("wrote %s (verify widths %s)", out_dir / "costs.json",
                  flex_lib.verify_buckets(dcfg.block_size))
-    return {"header": header(opts, cfg), "costs": costs}
+    return {"header": head, "step_ms": step_ms, "tau": tau}
+  if opts.costs is not None:
+    try:
+      work.costs = flex_lib.load_costs(opts.costs, dcfg.block_size)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
 
   hf_ref = None
   if opts.compare_hf:
@@ -876,7 +914,8 @@ def options_from_flags() -> Options:
       prompts=_PROMPTS.value, num_prompts=_NUM_PROMPTS.value, max_new_tokens=_MAX_NEW.value,
       modes=tuple(m.strip() for m in _MODES.value), drafter=_DRAFTER.value,
       random_drafter_layers=_RANDOM_LAYERS.value, block_size=_BLOCK_SIZE.value,
-      verify_strategy=_STRATEGY.value, calibrate=_CALIBRATE.value,
+      verify_strategy=_STRATEGY.value, calibrate=_CALIBRATE.value, costs=_COSTS.value,
+      max_prompt_tokens=_MAX_PROMPT.value,
       batch_sizes=_int_list("batch_sizes", _BATCH_SIZES.value), compare_hf=_COMPARE_HF.value,
       hf_num_threads=_HF_THREADS.value, ignore_eos=_IGNORE_EOS.value, out_dir=_OUT_DIR.value,
       profile=_PROFILE.value, profile_runs=_PROFILE_RUNS.value, repeats=_REPEATS.value)

@@ -86,9 +86,10 @@ class Engine:
     tokenizer of `tokenizer` (default: `model`'s). `drafter` is an exported
     drafter folder (train.py's `workdir/drafter`); it must have been trained for
     this target (architecture and weights fingerprint are checked). `costs` is a
-    cost table from `python -m flexdraft_jax.bench --calibrate` (costs.json):
-    for a batch size it lists, the flex mode and `expected_throughput` use it;
-    otherwise flex falls back to `flex.FLEX_BATCH_THRESHOLD`. `mesh` (a
+    cost table from `python -m flexdraft_jax.bench --calibrate` (costs.json,
+    `flex.load_costs`): for a batch size it lists, the flex mode and
+    `expected_throughput` use it; otherwise flex falls back to
+    `flex.FLEX_BATCH_THRESHOLD`. `mesh` (a
     `jax.sharding.Mesh` from `training.make_mesh`, or its (data, fsdp, tensor)
     shape) shards params, cache and rows by `training.decode_shardings`.
     """
@@ -113,13 +114,9 @@ class Engine:
       self.params, self.draft = both["target"], both["draft"]
     self.costs = {}
     if costs is not None:
-      self.costs = {int(b): np.asarray(t, np.float32) for b, t in json.loads(
-          pathlib.Path(costs).read_text()).items()}
-      want = (2, len(flex_lib.verify_buckets(self.dcfg.block_size))) if self.dcfg else None
-      bad = [b for b, t in self.costs.items() if t.shape != want]
-      if want is None or bad:
-        raise ValueError(f"cost table {costs} does not fit this drafter: expected tables of "
-                         f"shape {want} per batch size, batch sizes {bad} differ")
+      if self.dcfg is None:
+        raise ValueError(f"cost table {costs} given without a drafter")
+      self.costs = flex_lib.load_costs(costs, self.dcfg.block_size)
     self.tokenizer = tokenizer_lib.load_tokenizer(tokenizer or model)
     self.chat_template = chat_template and bool(self.tokenizer.chat_template)
     self.stop_ids = tokenizer_lib.stop_token_ids(self.tokenizer)
@@ -177,6 +174,8 @@ class Engine:
       raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
                        f"exceeds the model's {self.cfg.max_position} positions")
     room = max_new_tokens + (2 * self.dcfg.block_size if flex else 0)
+    self._check_prefill_memory(min(batch_size, len(ids)) if self.mesh is None else 0,
+                               -(-longest // prompt_bucket) * prompt_bucket)
     key = jax.random.key(seed)
     out = []
     for start in range(0, len(ids), batch_size):
@@ -210,8 +209,41 @@ class Engine:
         out.append(Completion(prompt=prompt, text=self.decode(toks), token_ids=toks))
     return out, stats
 
+  def _check_prefill_memory(self, batch: int, width: int) -> None:
+    """ValueError when the prefill's attention scores alone would not fit in memory.
+
+    The prompt pass materialises f32 scores and probabilities [B, heads, W, W]
+    (the cache is scored in chunks, the prompt is not), which dominates for
+    long prompts: e.g. 8 ShareGPT prompts of 6k tokens need ~20 GiB.
+    """
+    need = 2 * batch * self.cfg.num_heads * width * width * 4
+    free = available_memory()
+    if batch and free is not None and need > free:
+      raise ValueError(
+          f"prompts padded to {width} tokens at batch {batch} need about {need / 2**30:.1f} GiB "
+          f"for the prefill's attention scores, more than the {free / 2**30:.1f} GiB available "
+          f"on {jax.devices()[0].platform}: use a smaller batch size or skip long prompts "
+          f"(decode.py --max_prompt_tokens)")
+
   def decode(self, token_ids: list[int]) -> str:
     return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def available_memory() -> int | None:
+  """Bytes free for new arrays on the default device (host RAM on CPU), or None if unknown."""
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    try:
+      for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+    except OSError:
+      return None
+    return None
+  stats = device.memory_stats() or {}
+  if "bytes_limit" not in stats:
+    return None
+  return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 
 class StreamPrinter:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import pathlib
 from typing import Any
 
 import flax
@@ -49,7 +51,7 @@ STRATEGIES = ("min_confidence", "cumulative_product", "expected_throughput", "fu
 VERIFY_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # static verify widths (see `verify_buckets`)
 # 'flex' without a cost table: parallel while at most this many rows are active, else
 # sequential (the paper finds parallel best at batch <= 2 on Qwen3-8B/A100). Done rows
-# still ride in the static batch, so a measured cost table is the better guide.
+# still ride in the static batch, so a measured cost table (`CostTable`) is the better guide.
 FLEX_BATCH_THRESHOLD = 2
 PARALLEL, SEQUENTIAL, PLD = 0, 1, 2  # rows of the cost table (PLD: none) and of FlexStats.modes
 PLD_NGRAMS = (3, 2)  # n-gram sizes pld looks up, longest first
@@ -77,6 +79,65 @@ class FlexConfig:
 def verify_buckets(block_size: int) -> tuple[int, ...]:
   """Static verify widths: the VERIFY_BUCKETS below block_size, then block_size."""
   return tuple(v for v in VERIFY_BUCKETS if v < block_size) + (block_size,)
+
+
+@flax.struct.dataclass
+class CostTable:
+  """What the flex policy knows about one batch size on this hardware, with this drafter.
+
+  A step of either mode verifies the same candidates, so one step's expected
+  gain does not depend on the mode; what differs is the next candidates: a
+  sequential step drafts all of them from slot 0 anchored at the bonus, a
+  parallel step takes calibrated slots 1.. of the accepted group. So each mode
+  is weighted by its measured tau (committed tokens per row-step): a step of
+  mode m at verify width w is worth tau[m] / step_ms[m, w] tokens per ms.
+  Measured by `python -m flexdraft_jax.bench --calibrate` (`save_costs`).
+  """
+  step_ms: jax.Array  # [2, len(verify_buckets)] a parallel / a sequential step per verify width
+  tau: jax.Array      # [2] committed tokens per row-step in parallel / sequential mode
+
+  @classmethod
+  def make(cls, step_ms, tau=(1.0, 1.0)) -> "CostTable":
+    """A table from host values; tau (1, 1) compares step costs alone."""
+    return cls(step_ms=np.asarray(step_ms, np.float32), tau=np.asarray(tau, np.float32))
+
+  def rate(self):
+    """[2, W] tau[m] / step_ms[m, w]: committed tokens per ms of each mode and width."""
+    return self.tau[:, None] / self.step_ms
+
+
+def save_costs(path, step_ms: dict[int, Any], tau: dict[str, float], block_size: int,
+               header: dict[str, Any] | None = None) -> None:
+  """Writes a cost table file: {"block_size", "verify_widths", "tau": {parallel,
+  sequential}, "step_ms": {"<batch>": [[parallel ms per width], [sequential ...]]}}."""
+  out = {"block_size": block_size, "verify_widths": list(verify_buckets(block_size)),
+         "tau": {"parallel": tau["parallel"], "sequential": tau["sequential"]},
+         "step_ms": {str(b): np.asarray(t).tolist() for b, t in step_ms.items()}}
+  if header:
+    out["header"] = header
+  pathlib.Path(path).write_text(json.dumps(out, indent=2) + "\n")
+
+
+def load_costs(path, block_size: int) -> dict[int, CostTable]:
+  """{batch size: CostTable} from a `save_costs` file; ValueError if it does not fit."""
+  try:
+    raw = json.loads(pathlib.Path(path).read_text())
+    widths, tau = tuple(raw["verify_widths"]), raw["tau"]
+    tables = {int(b): CostTable.make(t, (tau["parallel"], tau["sequential"]))
+              for b, t in raw["step_ms"].items()}
+  except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{path} is not a cost table from `bench --calibrate` "
+                     f"({type(e).__name__}: {e})") from None
+  if widths != verify_buckets(block_size):
+    raise ValueError(f"cost table {path} was measured for verify widths {list(widths)} (block "
+                     f"size {raw.get('block_size')}); this drafter has block size {block_size}, "
+                     f"widths {list(verify_buckets(block_size))}: run bench --calibrate again")
+  want = (2, len(widths))
+  bad = [b for b, t in tables.items() if t.step_ms.shape != want]
+  if bad or any(not np.all(t.step_ms > 0) or not np.all(t.tau > 0) for t in tables.values()):
+    raise ValueError(f"cost table {path}: step_ms must be positive [2, {len(widths)}] lists and "
+                     f"tau positive (batch sizes {bad or sorted(tables)})")
+  return tables
 
 
 @flax.struct.dataclass
@@ -244,10 +305,10 @@ def flex_generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, st
                   on_commit=None, _broken: bool = False):
   """FlexDraft generation. Returns (tokens [B, M] -1 padded, num_new [B], FlexStats, cache).
 
-  params = {'target', 'draft'}. `costs` [2, len(verify_buckets(Bs))] (optional)
-  is the measured cost of a parallel step and of a sequential step (both
-  passes) at this batch size per verify width; done rows stay in the batch, so
-  a step costs the same whatever the active count. `on_commit(tokens_BJ,
+  params = {'target', 'draft'}. `costs` (optional) is the `CostTable` of this
+  batch size: the measured time of a parallel and of a sequential step (both
+  passes) per verify width, and each mode's measured tau; done rows stay in the
+  batch, so a step costs the same whatever the active count. `on_commit(tokens_BJ,
   count_B, drafted_B)`, if given, is called on the host once per step with the
   committed tokens, their count and how many came from accepted drafts.
   """
@@ -265,9 +326,11 @@ def flex_generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, st
   all_widths = verify_buckets(bs)
   if fcfg.verify_strategy == "expected_throughput" and costs is None:
     raise ValueError("verify_strategy 'expected_throughput' needs a cost table")
-  if costs is not None and costs.shape != (2, len(all_widths)):
-    raise ValueError(f"costs must have shape (2, {len(all_widths)}) (mode, verify width "
-                     f"{all_widths}), got {costs.shape}")
+  if costs is not None and (costs.step_ms.shape != (2, len(all_widths))
+                            or costs.tau.shape != (2,)):
+    raise ValueError(f"costs must be a CostTable with step_ms of shape (2, {len(all_widths)}) "
+                     f"(mode, verify width {all_widths}) and tau of shape (2,), got "
+                     f"{costs.step_ms.shape} and {costs.tau.shape}")
   sampling = fcfg.sampling
   widths = (bs,) if fcfg.verify_strategy == "full" else all_widths  # compiled verify widths
   column = jnp.array([all_widths.index(w) for w in widths])  # widths -> cost/histogram column
@@ -319,7 +382,7 @@ def flex_generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, st
       # Expected committed tokens per row verifying V: 1 - certain + sum_{i<V} prod_{j<=i} p_j.
       expect = (1 - c.certain)[:, None] + jnp.cumsum(jnp.cumprod(c.conf, axis=1), axis=1)
       gain = jnp.sum(jnp.where(active[:, None], expect[:, w - 1], 0.0), axis=0)
-      best = jnp.argmax((gain / costs[jnp.array(modes)]).reshape(-1))
+      best = jnp.argmax((gain * costs.rate()[jnp.array(modes)][:, column]).reshape(-1))
       return jnp.array(modes)[best // len(widths)], best % len(widths)
     if fcfg.verify_strategy == "full":
       v = jnp.full((b,), bs, jnp.int32)
@@ -331,8 +394,8 @@ def flex_generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, st
       return jnp.int32(modes[0]), bucket
     if costs is None:
       return jnp.where(active.sum() <= FLEX_BATCH_THRESHOLD, PARALLEL, SEQUENTIAL), bucket
-    # E is the same for both modes at one width, so the best E/cost is the cheaper mode.
-    return jnp.argmin(costs[:, column[bucket]]), bucket
+    # This step's gain is the same in both modes; tau carries what the mode does next.
+    return jnp.argmax(costs.rate()[:, column[bucket]]), bucket
 
   def judge(c: Candidates, logits_BKV, width, key):
     """verify() of drafts[:, :width] with L_0 = last_logits and L_i = logits_BKV[:, i-1]."""
@@ -440,19 +503,20 @@ def static_mode(fcfg: FlexConfig, batch: int, costs=None) -> str:
   """The mode flex would pick at every step of this executable, or 'flex' when it varies.
 
   The switch depends on the active row count (no cost table) or on the verify
-  width (cost table). When no step can choose differently, because the batch is
-  at most FLEX_BATCH_THRESHOLD or one mode costs no more at every verify width,
-  the decisions are known before tracing, and compiling that mode alone drops
-  the other mode's branches from the loop. The tokens are the same either way.
+  width (`CostTable`). When no step can choose differently, because the batch
+  is at most FLEX_BATCH_THRESHOLD or one mode commits at least as many tokens
+  per ms (`CostTable.rate`) at every verify width, the decisions are known
+  before tracing, and compiling that mode alone drops the other mode's
+  branches from the loop. The tokens are the same either way.
   """
   if fcfg.mode != "flex":
     return fcfg.mode
   if costs is None:
     return "parallel" if batch <= FLEX_BATCH_THRESHOLD else "flex"
-  costs = np.asarray(costs)
-  if np.all(costs[PARALLEL] <= costs[SEQUENTIAL]):  # ties go to parallel, as in `plan`
+  rate = np.asarray(CostTable.make(costs.step_ms, costs.tau).rate())
+  if np.all(rate[PARALLEL] >= rate[SEQUENTIAL]):  # ties go to parallel, as in `plan`
     return "parallel"
-  if np.all(costs[SEQUENTIAL] < costs[PARALLEL]):
+  if np.all(rate[SEQUENTIAL] > rate[PARALLEL]):
     return "sequential"
   return "flex"
 

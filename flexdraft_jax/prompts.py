@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import pathlib
+from typing import Callable
 
 from flexdraft_jax import resources
 
@@ -168,9 +169,24 @@ def sharegpt(split: str, limit: int | None = None) -> list[str]:
 # ----------------------------------------------------------------------------
 # By name
 # ----------------------------------------------------------------------------
-def load_prompt_set(name_or_path: str | pathlib.Path, limit: int | None = None) -> list[str]:
-  """Prompts of a named set (see `PROMPT_SETS`) or of a `.jsonl` file."""
+def load_prompt_set(name_or_path: str | pathlib.Path, limit: int | None = None,
+                    keep: Callable[[str], bool] | None = None) -> list[str]:
+  """Prompts of a named set (see `PROMPT_SETS`) or of a `.jsonl` file: the first
+  `limit` of those that pass `keep` (all prompts when it is None)."""
   name = str(name_or_path)
+  if keep is not None:
+    _limited([], limit)  # checks the limit
+    kept, skipped = [], 0
+    for prompt in load_prompt_set(name):
+      if limit is not None and len(kept) == limit:
+        break
+      if keep(prompt):
+        kept.append(prompt)
+      else:
+        skipped += 1
+    if skipped:
+      _log.info("%s: skipped %d prompt(s) that do not pass the filter", name, skipped)
+    return kept
   if name == "mtbench":
     return mtbench(limit)
   if name.startswith("sharegpt-") and name in PROMPT_SETS:

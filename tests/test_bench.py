@@ -11,6 +11,7 @@ import jax
 import pytest
 
 from flexdraft_jax import bench
+from flexdraft_jax import flex as flex_lib
 from flexdraft_jax import resources
 
 _ROW_KEYS = {"mode", "batch_size", "tokens_per_s", "ms_per_step", "compile_s", "new_tokens",
@@ -157,15 +158,28 @@ def test_bench_speculative_modes(tmp_path, tiny_hf_folder, prompt_file, monkeypa
   assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_calibrate(tmp_path, tiny_hf_folder, prompt_file):
-  """--calibrate: costs.json {batch: [[parallel ms per verify width], [sequential ...]]}."""
-  _main(f"--model={tiny_hf_folder}", f"--prompts={prompt_file}", "--num_prompts=2",
-        "--batch_sizes=1", "--max_new_tokens=8", "--random_drafter_layers=1", "--block_size=4",
-        "--profile_runs=2", "--calibrate", f"--out_dir={tmp_path}")
-  costs = json.loads((tmp_path / "costs.json").read_text())
-  assert list(costs) == ["1"] and len(costs["1"]) == 2
-  assert all(len(row) == 3 and min(row) > 0 for row in costs["1"])  # widths (1, 2, 4)
-  assert not (tmp_path / "bench.json").exists()
+def test_calibrate_then_flex_with_the_table(tmp_path, tiny_hf_folder, prompt_file):
+  """--calibrate writes the cost table (step ms per verify width and batch, tau per mode);
+  --costs hands it to the speculative modes, and flex compiles the mode it rates best."""
+  common = (f"--model={tiny_hf_folder}", f"--prompts={prompt_file}", "--num_prompts=2",
+            "--batch_sizes=1", "--max_new_tokens=8", "--random_drafter_layers=1", "--block_size=4")
+  _main(*common, "--profile_runs=2", "--calibrate", f"--out_dir={tmp_path / 'cal'}")
+  path = tmp_path / "cal" / "costs.json"
+  raw = json.loads(path.read_text())
+  assert raw["verify_widths"] == [1, 2, 4] and list(raw["step_ms"]) == ["1"]
+  assert all(len(row) == 3 and min(row) > 0 for row in raw["step_ms"]["1"])
+  assert raw["tau"]["parallel"] >= 1.0 and raw["tau"]["sequential"] >= 1.0
+  assert raw["header"]["settings"]["calibrate"] is True
+  assert not (tmp_path / "cal" / "bench.json").exists()
+  _main(*common, "--modes=flex", f"--costs={path}", "--compare_hf=false", "--repeats=1",
+        f"--out_dir={tmp_path / 'run'}")
+  row = json.loads((tmp_path / "run" / "bench.json").read_text())["rows"][0]
+  assert row["lossless"] and row["cost_table"] is True
+  table = flex_lib.load_costs(path, 4)[1]
+  assert row["compiled_mode"] == flex_lib.static_mode(flex_lib.FlexConfig(), 1, table)
+  with pytest.raises(app.UsageError, match="verify widths \\[1, 2, 4\\]"):
+    _main(*common[:-1], "--block_size=8", "--modes=flex", f"--costs={path}",
+          f"--out_dir={tmp_path / 'run'}")
 
 
 @pytest.mark.parametrize("argv, message", [

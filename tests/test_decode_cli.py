@@ -32,6 +32,8 @@ def _decode(*args, timeout=300):
     (["--prompts_file=mtbench", "--num_prompts=0"], "--num_prompts must be >= 1"),
     (["--prompts_file=nosuchset"], "does not exist"),
     (["--prompt=a", "--drafter=/no/such/drafter"], "does not exist"),
+    (["--prompt=a", "--max_prompt_tokens=64"], "needs --prompts_file"),
+    (["--prompts_file=mtbench", "--max_prompt_tokens=5"], "no prompt of mtbench has at most 5"),
 ])
 def test_bad_flags_are_usage_errors(args, reason):
   r = _decode(*args)
@@ -98,8 +100,8 @@ def test_cost_table_drives_flex(drafters, tmp_path):
 
   from flexdraft_jax import engine, flex, prompts
   widths = flex.verify_buckets(4)
-  (tmp_path / "costs.json").write_text(json.dumps({"1": [[100.0] * len(widths),
-                                                         [1.0] * len(widths)]}))
+  flex.save_costs(tmp_path / "costs.json", {1: [[100.0] * len(widths), [1.0] * len(widths)]},
+                  {"parallel": 1.0, "sequential": 1.0}, block_size=4)
   e = engine.Engine("smollm2-135m-instruct", dtype="float32", drafter=str(drafters / "ok"),
                     costs=str(tmp_path / "costs.json"))
   ps = prompts.mtbench(1)
@@ -107,3 +109,12 @@ def test_cost_table_drives_flex(drafters, tmp_path):
   out, stats = e.generate(ps, max_new_tokens=8, batch_size=1, flex=flex.FlexConfig(mode="flex"))
   assert out[0].token_ids == ar[0].token_ids
   assert stats.modes["parallel"] == 0 and stats.modes["sequential"] > 0
+
+
+def test_prefill_that_cannot_fit_is_a_clear_error(monkeypatch):
+  """Checked before anything compiles: long prompts x batch against the free memory."""
+  from flexdraft_jax import engine
+  e = engine.Engine("smollm2-135m-instruct", dtype="float32")
+  monkeypatch.setattr(engine, "available_memory", lambda: 2**28)
+  with pytest.raises(ValueError, match=r"padded to 2944 tokens at batch 2 need about 1.2 GiB"):
+    e.generate(["word " * 2900] * 2, max_new_tokens=4, batch_size=2)

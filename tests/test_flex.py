@@ -252,6 +252,36 @@ def test_exact_drafter_full_acceptance(bigram, bigram_exe):
   assert streamed == got and cut
 
 
+@pytest.mark.parametrize("tau,used", [((1.0, 1.0), "parallel"), ((1.0, 2.0), "sequential")])
+def test_cost_table_tau_steers_the_loop(bigram, tau, used):
+  """In the loop (flex_generate itself, not compile_flex's static choice), the mode is
+  argmax tau / step cost: parallel is 1.5x cheaper per step, and wins unless sequential
+  commits 2x more per step."""
+  cfg, params = bigram
+  n = len(flex.verify_buckets(DCFG.block_size))
+  costs = flex.CostTable.make([[1.0] * n, [1.5] * n], tau)
+  _, summary = run_flex(cfg, params, [[4, 9, 0], [7, 1]], BIGRAM_FLEX, costs=costs)
+  assert summary["modes"][used] == summary["steps"] > 0
+
+
+def test_cost_table_file_round_trip_and_errors(tmp_path):
+  path = tmp_path / "costs.json"
+  flex.save_costs(path, {1: [[1.0, 2.0, 3.0], [2.0, 2.0, 2.0]]},
+                  {"parallel": 1.4, "sequential": 2.0}, block_size=4)
+  tables = flex.load_costs(path, 4)
+  assert list(tables) == [1]
+  np.testing.assert_allclose(tables[1].rate(), [[1.4, 0.7, 1.4 / 3], [1.0, 1.0, 1.0]], rtol=1e-6)
+  with pytest.raises(ValueError, match="block size 4.*this drafter has block size 16"):
+    flex.load_costs(path, 16)
+  path.write_text('{"1": [[1.0], [2.0]]}')  # the old format: a clear error, no traceback
+  with pytest.raises(ValueError, match="not a cost table"):
+    flex.load_costs(path, 4)
+  flex.save_costs(path, {1: [[1.0, 2.0, 0.0], [2.0, 2.0, 2.0]]},
+                  {"parallel": 1.4, "sequential": 2.0}, block_size=4)
+  with pytest.raises(ValueError, match="must be positive"):
+    flex.load_costs(path, 4)
+
+
 def test_cache_is_not_copied(bigram, bigram_exe):
   """No cache-sized copy in the compiled loop: the conditional branches only read the
   cache, and every write is in place (cf. test_cache_copies for generate)."""
@@ -345,8 +375,8 @@ def pair_pvalues(counts, law):
 
 T1 = SamplingConfig(temperature=1.0)
 # Step costs [mode, verify width] growing with the width, so widths vary with confidence.
-COSTS = {"parallel": np.array([[1.0, 1.5], [5.0, 5.0]], np.float32),
-         "sequential": np.array([[5.0, 5.0], [1.0, 1.2]], np.float32)}
+COSTS = {"parallel": flex.CostTable.make([[1.0, 1.5], [5.0, 5.0]]),
+         "sequential": flex.CostTable.make([[5.0, 5.0], [1.0, 1.2]])}
 
 
 @pytest.mark.parametrize("favoured", ["parallel", "sequential"])
@@ -406,10 +436,15 @@ def test_static_mode_compiles_one_mode_only_when_no_step_could_differ():
   assert flex.static_mode(flex.FlexConfig(mode="sequential"), 1) == "sequential"
   assert [flex.static_mode(f, b) for b in (1, flex.FLEX_BATCH_THRESHOLD, 3)] == [
       "parallel", "parallel", "flex"]  # no table: the active count decides, and it can drop
+  table = flex.CostTable.make
   cheap_par = np.array([[1.0, 2.0, 3.0], [1.0, 2.5, 3.5]])  # ties go to parallel, as in plan()
-  assert flex.static_mode(f, 8, cheap_par) == "parallel"
-  assert flex.static_mode(f, 8, cheap_par[::-1] + [[0.5], [0.0]]) == "sequential"
-  assert flex.static_mode(f, 8, np.array([[1.0, 3.0], [2.0, 2.0]])) == "flex"  # width decides
+  assert flex.static_mode(f, 8, table(cheap_par)) == "parallel"
+  assert flex.static_mode(f, 8, table(cheap_par[::-1] + [[0.5], [0.0]])) == "sequential"
+  assert flex.static_mode(f, 8, table([[1.0, 3.0], [2.0, 2.0]])) == "flex"  # width decides
+  # Each mode's tau weighs in: parallel is cheaper per step everywhere, but sequential
+  # commits enough more per step to be faster at every width.
+  assert flex.static_mode(f, 8, table(cheap_par, tau=(1.0, 2.0))) == "sequential"
+  assert flex.static_mode(f, 8, table(cheap_par, tau=(1.0, 1.2))) == "flex"  # 1.2/2.5 < 1/2
 
 
 # ----------------------------------------------------------------------------
@@ -470,8 +505,8 @@ def test_smollm2_greedy_lossless(smol, favoured):
   """Batch 4, 'flex' steered by the (traced) cost table: one program, both modes."""
   cfg, params, prompts, ar = smol
   fcfg = flex.FlexConfig(mode="flex", verify_strategy="full", max_new_tokens=SMOL_NEW)
-  costs = np.array([[1.0] * 3, [2.0] * 3], np.float32)
-  costs = costs if favoured == "parallel" else costs[::-1].copy()
+  step_ms = np.array([[1.0] * 3, [2.0] * 3], np.float32)
+  costs = flex.CostTable.make(step_ms if favoured == "parallel" else step_ms[::-1])
   got, summary = run_flex(cfg, params, prompts, fcfg, (SMOLLM2_EOS,), dcfg=SMOL_DCFG, bucket=128,
                           costs=costs)
   near_ties(cfg, params["target"], prompts, ar, got)

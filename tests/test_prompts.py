@@ -113,3 +113,11 @@ def test_read_json_list_truncated(tmp_path, caplog):
   path.write_text('{"a": 1}')
   with pytest.raises(ValueError, match="expected a JSON list"):
     prompts._read_json_list(path)
+
+
+def test_keep_filters_before_the_limit():
+  every = prompts.load_prompt_set("mtbench")
+  short = [p for p in every if len(p) < 200]
+  assert 3 <= len(short) < len(every)
+  assert prompts.load_prompt_set("mtbench", 3, keep=lambda p: len(p) < 200) == short[:3]
+  assert prompts.load_prompt_set("mtbench", None, keep=lambda p: len(p) < 200) == short
