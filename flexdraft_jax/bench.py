@@ -40,7 +40,7 @@ read:
   cache whose rows hold the typical mid-generation length (mean prompt +
   max_new_tokens / 2); the median of `--profile_runs` calls is kept.
 - tau: the committed tokens per row-step of the parallel and of the sequential
-  mode, from decoding the prompts in each mode at the largest batch size.
+  mode, from decoding the prompts in each mode at the smallest batch size.
 Calibrate on other prompts than the ones you then time (e.g. the held-out
 ShareGPT split for MT-Bench), so that flex does not learn the test set.
 """
@@ -99,6 +99,9 @@ _DRAFTER = flags.DEFINE_string("drafter", None, "Exported drafter folder; defaul
 _RANDOM_LAYERS = flags.DEFINE_integer("random_drafter_layers", 4,
                                       "Draft layers K of the random drafter (no --drafter).")
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 8, "Block size of the random drafter.")
+_NO_CALIB = flags.DEFINE_bool(
+    "no_calibration", False, "Ablation: decode without the drafter's calibration MLP (parallel "
+    "steps then draft slots 1.. from the raw slot logits; sequential steps never use it).")
 _CALIBRATE = flags.DEFINE_bool("calibrate", False, "Only measure the flex cost table (step times "
                                 "per batch size and verify width, tau per mode) and write "
                                 "out_dir/costs.json (see above).")
@@ -146,6 +149,7 @@ class Options:
   drafter: str | None = None         # None: a random drafter, exported to out_dir
   random_drafter_layers: int = 4
   block_size: int = 8
+  no_calibration: bool = False
   verify_strategy: str = "cumulative_product"
   calibrate: bool = False
   costs: str | None = None           # a --calibrate costs.json
@@ -498,7 +502,9 @@ def calibrate(work: Workload, batch_sizes: Sequence[int],
     logging.info("calibrate: batch %d: parallel %s ms, sequential %s ms", b,
                  *[[round(c, 2) for c in r] for r in row])
     out[b] = row
-  groups = _groups(work.prompt_ids, max(batch_sizes))
+  # tau is the same for any batch up to the verify width (the widest row's bucket);
+  # the smallest batch size is the cheapest to decode.
+  groups = _groups(work.prompt_ids, min(batch_sizes))
   once = dataclasses.replace(work, repeats=1, costs={})
   tau = {mode: run_flex(once, groups, mode=mode).extra["tau"] for mode in ("parallel", "sequential")}
   logging.info("calibrate: tau %s", {m: round(t, 3) for m, t in tau.items()})
@@ -773,8 +779,11 @@ def load_drafter(opts: Options, cfg: ModelConfig, params, out_dir: pathlib.Path)
   except (checkpoint.DrafterFileError, checkpoint.DrafterMismatchError) as e:
     raise app.UsageError(str(e)) from None
   dcfg = drafter_lib.DrafterConfig(**meta).validate(cfg)
+  if opts.no_calibration:
+    draft = {k: v for k, v in draft.items() if k != "calib"}
+    dcfg = dataclasses.replace(dcfg, calib_rank=0)
   return dcfg, draft, {"drafter": str(path), "random_drafter": opts.drafter is None,
-                       "drafter_config": dcfg.to_dict()}
+                       "drafter_config": dcfg.to_dict(), "no_calibration": opts.no_calibration}
 
 
 def plot_throughput(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
@@ -914,6 +923,7 @@ def options_from_flags() -> Options:
       prompts=_PROMPTS.value, num_prompts=_NUM_PROMPTS.value, max_new_tokens=_MAX_NEW.value,
       modes=tuple(m.strip() for m in _MODES.value), drafter=_DRAFTER.value,
       random_drafter_layers=_RANDOM_LAYERS.value, block_size=_BLOCK_SIZE.value,
+      no_calibration=_NO_CALIB.value,
       verify_strategy=_STRATEGY.value, calibrate=_CALIBRATE.value, costs=_COSTS.value,
       max_prompt_tokens=_MAX_PROMPT.value,
       batch_sizes=_int_list("batch_sizes", _BATCH_SIZES.value), compare_hf=_COMPARE_HF.value,

@@ -171,9 +171,13 @@ def test_calibrate_then_flex_with_the_table(tmp_path, tiny_hf_folder, prompt_fil
   assert raw["tau"]["parallel"] >= 1.0 and raw["tau"]["sequential"] >= 1.0
   assert raw["header"]["settings"]["calibrate"] is True
   assert not (tmp_path / "cal" / "bench.json").exists()
+  # With the calibration-MLP ablation on: the drafter runs without it, still lossless.
   _main(*common, "--modes=flex", f"--costs={path}", "--compare_hf=false", "--repeats=1",
-        f"--out_dir={tmp_path / 'run'}")
-  row = json.loads((tmp_path / "run" / "bench.json").read_text())["rows"][0]
+        "--no_calibration", f"--out_dir={tmp_path / 'run'}")
+  result = json.loads((tmp_path / "run" / "bench.json").read_text())
+  assert result["header"]["no_calibration"] is True
+  assert result["header"]["drafter_config"]["calib_rank"] == 0
+  row = result["rows"][0]
   assert row["lossless"] and row["cost_table"] is True
   table = flex_lib.load_costs(path, 4)[1]
   assert row["compiled_mode"] == flex_lib.static_mode(flex_lib.FlexConfig(), 1, table)

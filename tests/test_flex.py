@@ -513,3 +513,60 @@ def test_smollm2_greedy_lossless(smol, favoured):
   print(f"SmolLM2, random drafter, {favoured}: {summary}")
   assert summary["modes"][favoured] == summary["steps"]
   assert 1.0 <= summary["tau"] < 1.5
+
+
+# ----------------------------------------------------------------------------
+# SmolLM2 with the shipped (trained) drafter: real acceptance, 20 real prompts
+# ----------------------------------------------------------------------------
+TRAINED_PROMPTS, TRAINED_NEW, TRAINED_BATCH = 20, 24, 10
+
+
+@pytest.fixture(scope="module")
+def trained(smollm2, smollm2_tokenizer):
+  """(cfg, dcfg, params, prompts, AR output, per-row stops): the shipped drafter on
+  SmolLM2 (scanned layers) and the first 20 MT-Bench questions."""
+  from flexdraft_jax import checkpoint, prompts as prompts_lib, resources, tokenizer
+  cfg, target = smollm2
+  cfg_dict = dataclasses.asdict(cfg)
+  meta, draft = checkpoint.load_drafter(resources.shipped_drafter_path(), cfg_dict,
+                                        checkpoint.target_fingerprint(cfg_dict, target),
+                                        dtype=cfg.param_dtype)
+  dcfg = drafter.DrafterConfig(**meta)
+  params = decoding(target, draft, unroll=False)
+  prompts = [tokenizer.chat_prompt_ids(smollm2_tokenizer, q)
+             for q in prompts_lib.mtbench(TRAINED_PROMPTS)]
+  ar = run_ar(cfg, params["target"], prompts, TRAINED_NEW, stops=(SMOLLM2_EOS,), bucket=256)
+  # Odd rows also stop at a token they first emit mid-run, so stops land inside blocks.
+  stops = []
+  for i, row in enumerate(ar):
+    firsts = [t for j, t in enumerate(row) if row.index(t) == j and 4 <= j < TRAINED_NEW - 4]
+    stops.append((SMOLLM2_EOS,) + ((firsts[len(firsts) // 2],) if i % 2 and firsts else ()))
+  return cfg, dcfg, params, prompts, ar, stops
+
+
+def test_trained_drafter_greedy_lossless(trained):
+  """Batches of 10, 'flex' with a table that makes parallel faster at verify widths <= 4
+  and sequential above: both modes run, drafts are really accepted, tokens equal AR's."""
+  cfg, dcfg, params, prompts, ar, stops = trained
+  n = len(flex.verify_buckets(dcfg.block_size))
+  costs = flex.CostTable.make([[1.0, 1.0, 1.0] + [9.0] * (n - 3), [2.0] * n])
+  fcfg = flex.FlexConfig(mode="flex", max_new_tokens=TRAINED_NEW)
+  got, modes, committed, row_steps = [], {"parallel": 0, "sequential": 0}, 0, 0
+  for i in range(0, TRAINED_PROMPTS, TRAINED_BATCH):
+    rows = slice(i, i + TRAINED_BATCH)
+    stop_ids = [list(s) + [-1] * (2 - len(s)) for s in stops[rows]]
+    prompt_BP, lens = generate_lib.pad_prompts(prompts[rows], 256)
+    cache = model_lib.KVCache.zeros(cfg, TRAINED_BATCH, capacity(256, fcfg, dcfg))
+    tokens, num_new, st, _ = flex.flex_generate(
+        params, cache, prompt_BP, lens, np.asarray(stop_ids, np.int32), jax.random.key(0), costs,
+        cfg=cfg, dcfg=dcfg, fcfg=fcfg)
+    got += [np.asarray(tokens)[b, :n_].tolist() for b, n_ in enumerate(np.asarray(num_new))]
+    summary = flex.summarize(st)
+    modes = {k: modes[k] + summary["modes"][k] for k in modes}
+    committed += summary["new_tokens"]
+    row_steps += int(np.asarray(st.row_steps).sum())
+  want = [next((r[:j + 1] for j, t in enumerate(r) if t in s), r) for r, s in zip(ar, stops)]
+  assert sum(len(w) < TRAINED_NEW for w in want) >= 5, "want rows that stop mid-run"
+  near_ties(cfg, params["target"], prompts, want, got)
+  assert modes["parallel"] > 0 and modes["sequential"] > 0, modes
+  assert committed / row_steps > 1.3  # the trained drafter's drafts are accepted
