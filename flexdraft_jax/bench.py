@@ -42,7 +42,10 @@ read:
 - tau: the committed tokens per row-step of the parallel and of the sequential
   mode, from decoding the prompts in each mode at the smallest batch size.
 Calibrate on other prompts than the ones you then time (e.g. the held-out
-ShareGPT split for MT-Bench), so that flex does not learn the test set.
+ShareGPT split for MT-Bench), so that flex does not learn the test set, then
+pass `--costs=out_dir/costs.json` to time the modes with that table (`make
+bench` does both). `--no_calibration` is the calibration-MLP ablation: the
+drafter decodes without it (only parallel steps use it).
 """
 from __future__ import annotations
 
