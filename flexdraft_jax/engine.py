@@ -7,7 +7,6 @@ timed apart from decoding, so tokens/s never includes compile time.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import sys
 import time

@@ -513,7 +513,7 @@ def static_mode(fcfg: FlexConfig, batch: int, costs=None) -> str:
     return fcfg.mode
   if costs is None:
     return "parallel" if batch <= FLEX_BATCH_THRESHOLD else "flex"
-  rate = np.asarray(CostTable.make(costs.step_ms, costs.tau).rate())
+  rate = np.asarray(costs.rate())
   if np.all(rate[PARALLEL] >= rate[SEQUENTIAL]):  # ties go to parallel, as in `plan`
     return "parallel"
   if np.all(rate[SEQUENTIAL] > rate[PARALLEL]):
