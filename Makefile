@@ -1,10 +1,21 @@
 # flexdraft-jax. Every target sets up .venv on first use.
 PY := .venv/bin/python
 STAMP := .venv/.installed
+# The CPU matmul kernel (flexdraft_jax/cpu_matmul.py), built against jaxlib's XLA FFI headers.
+KERNEL := flexdraft_jax/_cpu/libflexdraft_matmul.so
+KERNEL_SRC := flexdraft_jax/csrc/cpu_matmul.cc
 
 .PHONY: install test demo bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(KERNEL)
+
+# A failed build only warns: CPU decoding then uses XLA's dot (cpu_matmul says so on stderr).
+$(KERNEL): $(KERNEL_SRC) $(STAMP)
+	@mkdir -p $(@D)
+	@$(CXX) -O3 -std=c++17 -shared -fPIC -pthread -Wall \
+	  -isystem "$$($(PY) -c 'import jax.ffi; print(jax.ffi.include_dir())')" \
+	  $(KERNEL_SRC) -o $@.tmp && mv $@.tmp $@ && echo "built $@" \
+	  || { rm -f $@.tmp; echo "warning: could not build $@; CPU decoding will use XLA's dot" >&2; }
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-test.txt
 	python3 -m venv .venv
@@ -14,22 +25,22 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-test.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(KERNEL)
 	$(PY) -m pytest -q --durations=15 tests
 
-demo: $(STAMP)
+demo: $(STAMP) $(KERNEL)
 	$(PY) decode.py --prompts_file=mtbench --num_prompts=3 --batch_size=1 --max_new_tokens=128 \
-	  --stream --stats --compare_ar
+	  --stats --compare_ar
 
 # The flex cost table is calibrated on held-out ShareGPT prompts, then all modes are
 # timed on MT-Bench with it (bench_out/costs.json, bench.json, throughput.png).
 BENCH := $(PY) -m flexdraft_jax.bench --drafter=drafters/smollm2-135m-instruct \
 	  --batch_sizes=1,4 --num_prompts=4 --max_new_tokens=32 --unroll_layers=false --out_dir=bench_out
 
-bench: $(STAMP)
+bench: $(STAMP) $(KERNEL)
 	$(BENCH) --calibrate --prompts=sharegpt-heldout --max_prompt_tokens=256 --profile_runs=5
 	$(BENCH) --costs=bench_out/costs.json --modes=ar,pld,parallel,sequential,flex --repeats=2 \
 	  --compare_hf=false
 
 clean:
-	rm -rf .venv bench_out
+	rm -rf .venv bench_out flexdraft_jax/_cpu

@@ -7,6 +7,8 @@ Params are one tree `{'target': <model.py params>, 'draft': <below>}`:
                               initialised as copies of the target's
   draft/calib/{w1,b1,w2,b2}   the bonus-guided calibration MLP
                               ([2d, r], [r], [r, V], [V]); absent when r = 0
+  (`decoding_draft` may pack the projectors and calib w1 / w2 for the CPU
+  matmul kernel: `model.pack_attention`, calib/{w1,w2}_packed, w2 dropped)
 
 Every token, clean or mask slot, is described by `Tokens` (position, anchor,
 block and segment), and one function, `visibility`, turns two descriptor sets
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flexdraft_jax import cpu_matmul
 from flexdraft_jax import model as model_lib
 from flexdraft_jax.model_config import ModelConfig
 
@@ -141,12 +144,32 @@ def draft_shapes(cfg: ModelConfig, dcfg: DrafterConfig) -> Params:
   return jax.eval_shape(lambda t: init_draft(cfg, dcfg, t, jax.random.key(0)), target)
 
 
-def decoding_draft(draft: Params, unroll: bool) -> Params:
-  """Draft params laid out like `model.decoding_params` lays out the target's."""
-  if not unroll or isinstance(draft["layers"], tuple):
-    return draft
-  k = jax.tree.leaves(draft["layers"])[0].shape[0]
-  return {**draft, "layers": tuple(model_lib.layer_slice(draft["layers"], i) for i in range(k))}
+def decoding_draft(draft: Params, unroll: bool, pack: bool | None = None) -> Params:
+  """Draft params laid out like `model.decoding_params` lays out the target's.
+
+  `pack` (default: unrolled, f32 and `cpu_matmul.enabled()`, as for the
+  target) packs the projectors and the calibration MLP for the CPU kernel.
+  """
+  if unroll and not isinstance(draft["layers"], tuple):
+    k = jax.tree.leaves(draft["layers"])[0].shape[0]
+    draft = {**draft, "layers": tuple(model_lib.layer_slice(draft["layers"], i) for i in range(k))}
+  if pack is None:
+    pack = unroll and model_lib.can_pack(draft) and cpu_matmul.enabled()
+  return pack_draft(draft) if pack else draft
+
+
+def pack_draft(draft: Params) -> Params:
+  """Unrolled draft params -> the CPU kernel's packed layout (module docstring)."""
+  if not isinstance(draft["layers"], tuple):
+    raise ValueError("packing needs unrolled draft layers (decoding_draft with unroll=True)")
+  out = {**draft, "layers": tuple(model_lib.pack_attention(a) for a in draft["layers"])}
+  if "calib" in draft and "w2_packed" not in draft["calib"]:
+    calib = draft["calib"]
+    # w1 stays: flex reads the rank from its shape. w2 [r, V] is replaced.
+    out["calib"] = {**{k: v for k, v in calib.items() if k != "w2"},
+                    "w1_packed": cpu_matmul.pack(calib["w1"]),
+                    "w2_packed": cpu_matmul.pack(calib["w2"])}
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -230,6 +253,11 @@ def calibration(params: Params, cfg: ModelConfig, h_BJD, bonus_BJ) -> jax.Array:
   """The bonus-guided correction W2 silu(W1 [E(bonus); h] + b1) + b2, f32 [..., V]."""
   calib, dt = params["draft"]["calib"], cfg.jnp_dtype
   e = model_lib.embed(params["target"], cfg, bonus_BJ)
+  if "w2_packed" in calib:  # `decoding_draft`: the CPU kernel
+    eh = jnp.concatenate([e, h_BJD.astype(dt)], axis=-1)
+    u = cpu_matmul.dense(eh, calib["w1_packed"], calib["w1"].shape[1]) + calib["b1"].astype(dt)
+    delta = cpu_matmul.dense(jax.nn.silu(u).astype(jnp.float32), calib["w2_packed"], cfg.vocab_size)
+    return delta + calib["b2"].astype(jnp.float32)
   u = jnp.concatenate([e, h_BJD.astype(dt)], axis=-1) @ calib["w1"].astype(dt) + calib["b1"].astype(dt)
   delta = jnp.einsum("...R,RV->...V", jax.nn.silu(u), calib["w2"].astype(dt),
                      preferred_element_type=jnp.float32)

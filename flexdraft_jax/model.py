@@ -14,6 +14,13 @@ Params tree (shapes use d=hidden, N/K=query/kv heads, H=head_dim, F=MLP width):
   layers/mlp/{gate,up}_proj   kernel [L, d, F];  layers/mlp/down_proj kernel [L, F, d]
   final_norm/scale            [d]
   lm_head/kernel              [d, V]  (absent when embeddings are tied)
+
+`decoding_params` may add, for the CPU matmul kernel (`cpu_matmul`), packed
+weights in place of the dense kernels they are made of: attn/qkv/{packed,
+bias?} (q|k|v fused), attn/o_proj/packed, mlp/gate_up/packed (gate|up fused),
+mlp/down_proj/packed and head_packed/packed (the LM head, tied or not; an
+untied lm_head/kernel is then dropped). The layers pick the kernel when they
+see a packed leaf; training never does.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flexdraft_jax import cpu_matmul
 from flexdraft_jax.model_config import ModelConfig
 
 Params = Any
@@ -148,15 +156,33 @@ class Attention(nn.Module):
       norm = lambda: RMSNorm(c.rms_norm_eps, c.jnp_dtype, c.jnp_param_dtype)
       self.q_norm, self.k_norm = norm(), norm()
 
+  def _packed(self, name):
+    """The packed weights of `name` (`decoding_params`), or None for the dense layout."""
+    return self.variables.get("params", {}).get(name)
+
   def project(self, x_BTD, positions_BT):
     """Returns q [B,T,N,H], k [B,T,K,H], v [B,T,K,H], RoPE applied."""
-    q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+    c = self.cfg
+    if (qkv := self._packed("qkv")) is not None:  # one fused kernel call
+      nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+      y = cpu_matmul.dense(x_BTD, qkv["packed"], nq + 2 * nk)
+      if "bias" in qkv:
+        y = y + qkv["bias"].astype(y.dtype)
+      q, k, v = jnp.split(y, [nq, nq + nk], axis=-1)
+      q = q.reshape(*q.shape[:-1], c.num_heads, c.head_dim)
+      k = k.reshape(*k.shape[:-1], c.num_kv_heads, c.head_dim)
+      v = v.reshape(*v.shape[:-1], c.num_kv_heads, c.head_dim)
+    else:
+      q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
     if self.cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = rope_inv_freq(self.cfg)
     return apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq), v
 
   def output(self, attn_BTNH):
+    if (o := self._packed("o_proj")) is not None and "packed" in o:
+      *lead, n, h = attn_BTNH.shape
+      return cpu_matmul.dense(attn_BTNH.reshape(*lead, n * h), o["packed"], self.cfg.hidden_size)
     return self.o_proj(attn_BTNH)
 
   def __call__(self, x_BTD, positions_BT):  # used by `init` only
@@ -170,6 +196,12 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.cfg
+    packed = self.variables.get("params", {})
+    if "gate_up" in packed:  # `decoding_params`: the CPU kernel, gate|up fused
+      f = c.intermediate_size
+      gu = cpu_matmul.dense(x, packed["gate_up"]["packed"], 2 * f)
+      h = nn.silu(gu[..., :f]) * gu[..., f:]
+      return cpu_matmul.dense(h, packed["down_proj"]["packed"], c.hidden_size)
     dense = lambda f, name: nn.Dense(f, use_bias=False, dtype=c.jnp_dtype,
                                      param_dtype=c.jnp_param_dtype, name=name)
     h = nn.silu(dense(c.intermediate_size, "gate_proj")(x)) * dense(c.intermediate_size, "up_proj")(x)
@@ -301,6 +333,9 @@ def final_hidden(params: Params, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Arra
 
 def lm_logits(params: Params, cfg: ModelConfig, h_BTD: jax.Array) -> jax.Array:
   """Logits in f32 from final-normed hidden states; tied or untied head."""
+  if "head_packed" in params:  # `decoding_params`: the CPU kernel
+    return cpu_matmul.dense(h_BTD.astype(jnp.float32), params["head_packed"]["packed"],
+                            cfg.vocab_size)
   if "lm_head" in params:
     w, spec = params["lm_head"]["kernel"], "...D,DV->...V"
   else:
@@ -321,11 +356,63 @@ def unstack_layers(params: Params) -> Params:
   return {**params, "layers": tuple(layer_slice(layers, i) for i in range(n))}
 
 
-def decoding_params(params: Params, unroll_layers: bool | None = None) -> Params:
-  """Params laid out for decoding: unstacked on CPU by default (see `run_layers`)."""
+def decoding_params(params: Params, unroll_layers: bool | None = None,
+                    pack: bool | None = None) -> Params:
+  """Params laid out for decoding: unstacked on CPU by default (see `run_layers`).
+
+  `pack` (default: when the layers are unrolled, the weights f32 and
+  `cpu_matmul.enabled()`) replaces the dense projections' kernels by the CPU
+  matmul kernel's packed panels (module docstring), once, here.
+  """
   if unroll_layers is None:
     unroll_layers = jax.default_backend() == "cpu"
-  return unstack_layers(params) if unroll_layers else params
+  params = unstack_layers(params) if unroll_layers else params
+  if pack is None:
+    pack = unroll_layers and can_pack(params) and cpu_matmul.enabled()
+  return pack_params(params) if pack else params
+
+
+def can_pack(tree: Params) -> bool:
+  """Whether every weight of `tree` is f32, the one dtype the CPU kernel reads."""
+  return all(jnp.dtype(a.dtype) == jnp.float32 for a in jax.tree.leaves(tree))
+
+
+def pack_attention(attn: Params) -> Params:
+  """Attention params (q/k/v/o kernels [d, N|K, H] / [N, H, d]) -> packed layout."""
+  if "qkv" in attn:
+    return attn
+  names = ("q_proj", "k_proj", "v_proj")
+  d = attn["q_proj"]["kernel"].shape[0]
+  w = jnp.concatenate([attn[n]["kernel"].reshape(d, -1) for n in names], axis=1)
+  out = {k: v for k, v in attn.items() if k not in names + ("o_proj",)}  # q/k norms
+  out["qkv"] = {"packed": cpu_matmul.pack(w)}
+  if "bias" in attn["q_proj"]:
+    out["qkv"]["bias"] = jnp.concatenate([attn[n]["bias"].reshape(-1) for n in names])
+  o = attn["o_proj"]["kernel"]
+  out["o_proj"] = {"packed": cpu_matmul.pack(o.reshape(-1, o.shape[-1]))}
+  return out
+
+
+def pack_params(params: Params) -> Params:
+  """Unrolled target params -> the CPU kernel's packed layout (module docstring)."""
+  if not isinstance(params["layers"], tuple):
+    raise ValueError("packing needs unrolled layers (unstack_layers / decoding_params)")
+  if "head_packed" in params:
+    return params
+
+  def layer(lp):
+    mlp = lp["mlp"]
+    gate_up = jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], axis=1)
+    return {**lp, "attn": pack_attention(lp["attn"]),
+            "mlp": {"gate_up": {"packed": cpu_matmul.pack(gate_up)},
+                    "down_proj": {"packed": cpu_matmul.pack(mlp["down_proj"]["kernel"])}}}
+
+  head = (params["lm_head"]["kernel"] if "lm_head" in params
+          else params["embed"]["embedding"].T)
+  out = {k: v for k, v in params.items() if k not in ("layers", "lm_head")}
+  out["layers"] = tuple(layer(lp) for lp in params["layers"])
+  out["head_packed"] = {"packed": cpu_matmul.pack(head)}
+  return out
 
 
 def run_layers(cfg: ModelConfig, layers: Params, x_BTD, positions_BT, mask_BTS,
