@@ -1,4 +1,7 @@
-"""Defaults shared by every training config; each config overrides what differs."""
+"""Defaults shared by every training config; each config overrides what differs.
+
+train.py checks every field (`flexdraft_jax.train_config.validate`) before any work.
+"""
 import ml_collections
 
 

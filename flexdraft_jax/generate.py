@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexdraft_jax import model as model_lib
-from flexdraft_jax import training
+from flexdraft_jax import prefill as prefill_lib
+from flexdraft_jax import sharding as sharding_lib
 from flexdraft_jax.model_config import ModelConfig
 from flexdraft_jax.sampling import SamplingConfig, sample
 
@@ -34,18 +35,6 @@ def is_stop(tokens_B: jax.Array, stop_ids_BS: jax.Array) -> jax.Array:
   return jnp.any(tokens_B[:, None] == stop_ids_BS, axis=-1)
 
 
-def prefill(params, cfg: ModelConfig, cache: model_lib.KVCache, prompt_BP, prompt_lens_B):
-  """Runs right-padded ragged prompts through the model into an empty cache.
-
-  Returns the logits at each row's last prompt token [B, V] and the cache with
-  lengths = prompt_lens. Pad positions are written but lie past each length.
-  """
-  cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
-  logits, cache = model_lib.forward(params, cfg, prompt_BP, cache=cache, advance=prompt_lens_B)
-  last = jnp.take_along_axis(logits, (prompt_lens_B - 1)[:, None, None], axis=1)[:, 0]
-  return last, cache
-
-
 def record(tokens_BM, num_new_B, new_B, active_B):
   """Writes new_B at each active row's next free slot."""
   rows = jnp.arange(tokens_BM.shape[0])
@@ -53,11 +42,16 @@ def record(tokens_BM, num_new_B, new_B, active_B):
   return tokens_BM.at[rows, col].set(jnp.where(active_B, new_B, tokens_BM[rows, col]))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "on_token"),
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "on_token",
+                                             "prefill_chunk"),
                    donate_argnames=("cache",))
 def generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, stop_ids_BS, key, *,
-             cfg: ModelConfig, max_new_tokens: int, sampling: SamplingConfig, on_token=None):
+             cfg: ModelConfig, max_new_tokens: int, sampling: SamplingConfig, on_token=None,
+             prefill_chunk: int = prefill_lib.DEFAULT_CHUNK):
   """Generates up to max_new_tokens per row. Returns (tokens [B, M], num_new [B], steps, cache).
+
+  The prompts (right-padded, ragged) are prefilled `prefill_chunk` tokens at a
+  time (`prefill.prefill`).
 
   `on_token(tokens_B, active_B)`, if given, is called on the host for every
   committed token (streaming). It is the only host round trip in the loop and
@@ -67,7 +61,8 @@ def generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, stop_id
   if cache.capacity < width + max_new_tokens - 1:
     raise ValueError(f"KV cache capacity {cache.capacity} is below the padded prompt width "
                      f"{width} + max_new_tokens {max_new_tokens} - 1")
-  logits, cache = prefill(params, cfg, cache, prompt_BP, prompt_lens_B)
+  logits, cache = prefill_lib.prefill(params, cfg, cache, prompt_BP, prompt_lens_B,
+                                      chunk=prefill_chunk)
   key, sub = jax.random.split(key)
   first = sample(sub, logits, sampling)
   tokens = jnp.full((b, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
@@ -99,18 +94,19 @@ def generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, stop_id
 
 def compile_generate(params, cfg: ModelConfig, batch: int, width: int, capacity: int,
                      num_stop_ids: int, *, max_new_tokens: int, sampling: SamplingConfig,
-                     on_token=None, mesh=None):
+                     on_token=None, mesh=None, prefill_chunk: int = prefill_lib.DEFAULT_CHUNK):
   """Ahead-of-time compiled `generate` for one shape bucket (nothing is allocated).
 
   Call it as `exe(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key)`.
-  With `mesh`, it is compiled for `training.decode_shardings` of the target
+  With `mesh`, it is compiled for `sharding.decode_shardings` of the target
   params and the cache, as `flex.compile_flex` describes (streaming, `on_token`,
   on a one-device mesh only).
   """
   cache = jax.eval_shape(lambda: model_lib.KVCache.zeros(cfg, batch, capacity))
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
   args = (i32(batch, width), i32(batch), i32(batch, num_stop_ids), jax.random.key(0))
-  static = dict(cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, on_token=on_token)
+  static = dict(cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, on_token=on_token,
+                prefill_chunk=prefill_chunk)
   if mesh is None:
     return generate.lower(params, cache, *args, **static).compile()
   return compile_on_mesh(lambda *a: generate(*a, **static), params, cache, args, mesh,
@@ -119,12 +115,12 @@ def compile_generate(params, cfg: ModelConfig, batch: int, width: int, capacity:
 
 def compile_on_mesh(fn, params, cache, args, mesh, streaming: str | None):
   """`fn(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key, *rest)` compiled for
-  `training.decode_shardings`: params and cache in (the cache donated) and out sharded
+  `sharding.decode_shardings`: params and cache in (the cache donated) and out sharded
   that way, rows of the batch inputs and of the first two outputs split, the key, the
   third output and any non-None `rest` replicated. `streaming` names the host callback
   argument in use, if any (refused on more than one device).
   """
-  sh = training.decode_shardings(params, cache, mesh)
+  sh = sharding_lib.decode_shardings(params, cache, mesh)
   if streaming is not None and mesh.size > 1:
     raise ValueError(f"{streaming} (streaming) needs a single-device mesh, got {mesh.size} "
                      "devices: JAX runs ordered host callbacks on one device only")

@@ -5,9 +5,9 @@ at JAX start-up):
 
   python tests/multidevice_decode.py 1,1,1 8,1,1 [--engine=2,2,2]
 
-Per mesh it compiles `generate.compile_generate` (AR) and `flex.compile_flex`
+Per mesh it compiles `generate.compile_generate` (AR, chunked prefill) and `flex.compile_flex`
 (mode flex, which switches) with that mesh, places params and cache by
-`training.decode_shardings`, and decodes the same 8 ragged prompts. With
+`sharding.decode_shardings`, and decodes the same 8 ragged prompts. With
 --engine it also serves prompts through `engine.Engine(mesh=...)`, AR and
 parallel. Prints one JSON line: per mesh, the tokens of each mode and the
 specs and per-device shapes of what went in and came out.
@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from conftest import random_params  # noqa: E402
-from flexdraft_jax import drafter, flex, generate, model, training  # noqa: E402
+from flexdraft_jax import drafter, flex, generate, model, sharding  # noqa: E402
 from flexdraft_jax.model_config import ModelConfig  # noqa: E402
 from flexdraft_jax.sampling import SamplingConfig  # noqa: E402
 
@@ -39,6 +39,9 @@ CFG = ModelConfig(family="llama", vocab_size=100, hidden_size=64, intermediate_s
                   max_position=256)
 DCFG = drafter.DrafterConfig(num_draft_layers=1, block_size=4, calib_rank=8)
 M, BUCKET = 16, 16
+# AR prefills in chunks of 5 (it does not divide the padded width 16; rows of 1..16 tokens),
+# flex in one pass: the lossless check below compares the two.
+PREFILL_CHUNK = 5
 # flex alone, with the default verify strategy (widths 1, 2, 4): its switch runs
 # both the parallel and the sequential branches here (see the stops below), so
 # the fixed modes would add compiles (time) but no coverage.
@@ -77,14 +80,15 @@ def decode_on_meshes(meshes):
   out = {}
   for shape in meshes:
     t0 = time.perf_counter()
-    mesh = training.make_mesh(shape)
+    mesh = sharding.make_mesh(shape)
     zeros = lambda: model.KVCache.zeros(CFG, b, capacity)
-    sh = training.decode_shardings(params, jax.eval_shape(zeros), mesh)
+    sh = sharding.decode_shardings(params, jax.eval_shape(zeros), mesh)
     placed = jax.device_put(params, sh.params)
     new_cache = jax.jit(zeros, out_shardings=sh.cache)
     run = {"tokens": {}, "modes": {}, "params": {}}
     ar = generate.compile_generate(placed["target"], CFG, b, width, capacity, 1, max_new_tokens=M,
-                                   sampling=SamplingConfig(), mesh=mesh)
+                                   sampling=SamplingConfig(), mesh=mesh,
+                                   prefill_chunk=PREFILL_CHUNK)
     tokens, num_new, _, cache = ar(placed["target"], new_cache(), prompt_bp, lens, no_stops,
                                    jax.random.key(0))
     run["tokens"]["ar"] = rows(tokens, num_new)
@@ -113,7 +117,7 @@ def decode_on_meshes(meshes):
       run["rows_out"] = {"tokens": spec(tokens), "num_new": spec(num_new),
                          "tokens_shard": list(tokens.addressable_shards[0].data.shape)}
     for path, leaf in jax.tree_util.tree_leaves_with_path(placed):
-      run["params"][training._path_str(path)] = {
+      run["params"][sharding.path_str(path)] = {
           "spec": spec(leaf), "shard": list(leaf.addressable_shards[0].data.shape)}
     run["seconds"] = round(time.perf_counter() - t0, 1)
     out[str(shape)] = run
