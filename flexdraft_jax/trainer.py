@@ -30,6 +30,7 @@ from flexdraft_jax import checkpoint as ckpt_lib
 from flexdraft_jax import data as data_lib
 from flexdraft_jax import drafter as drafter_lib
 from flexdraft_jax import model as model_lib
+from flexdraft_jax import sharding as sharding_lib
 from flexdraft_jax import training
 from flexdraft_jax import weights
 from flexdraft_jax.drafter import DrafterConfig
@@ -85,7 +86,7 @@ def load_target(config, mesh=None):
   """
   dtype = _dtype(config)
   if mesh is not None and pathlib.Path(config.model).is_dir():
-    return weights.load_hf_sharded(config.model, lambda p: training.param_shardings(p, mesh),
+    return weights.load_hf_sharded(config.model, lambda p: sharding_lib.param_shardings(p, mesh),
                                    dtype, dtype)
   if config.model == "random":
     cfg = arch_config(config.random_model.to_dict(), dtype)
@@ -110,16 +111,16 @@ def data_dirs(config, workdir) -> tuple[pathlib.Path, pathlib.Path]:
 # Memory estimate (no allocation: shapes from jax.eval_shape)
 # ----------------------------------------------------------------------------
 def _device_bytes(shape, axes, mesh, itemsize: float) -> float:
-  """Bytes on one device of an array laid out by the rules table (`training.spec_for`)."""
+  """Bytes on one device of an array laid out by the rules table (`sharding.spec_for`)."""
   parts = 1
-  for entry in training.spec_for(shape, axes, mesh):
+  for entry in sharding_lib.spec_for(shape, axes, mesh):
     for name in (() if entry is None else (entry,) if isinstance(entry, str) else entry):
       parts *= mesh.shape[name]
   return math.prod(shape) * itemsize / parts
 
 
 def _sharded_bytes(tree, mesh) -> float:
-  return sum(_device_bytes(leaf.shape, training.logical_axes(path, leaf.shape), mesh,
+  return sum(_device_bytes(leaf.shape, sharding_lib.logical_axes(path, leaf.shape), mesh,
                            leaf.dtype.itemsize)
              for path, leaf in jax.tree_util.tree_leaves_with_path(tree))
 
@@ -161,7 +162,7 @@ def memory_estimate(cfg: ModelConfig, dcfg: DrafterConfig, *, batch_size: int, s
   total = max(train_total, decode_total): the two never hold memory at once.
   """
   from flexdraft_jax.engine import CAPACITY_BUCKET
-  mesh = AbstractMesh(tuple(mesh_shape), training.MESH_AXES)
+  mesh = AbstractMesh(tuple(mesh_shape), sharding_lib.MESH_AXES)
   target = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
   draft = jax.eval_shape(lambda t: drafter_lib.init_draft(cfg, dcfg, t, jax.random.key(0)), target)
   sharded = _sharded_bytes({"target": target, "draft": draft}, mesh)
@@ -294,7 +295,7 @@ def data_shard(mesh, batch_size: int) -> DataShard:
   if batch_size % per:
     raise ValueError(f"batch_size={batch_size} must be a multiple of data*fsdp={per} "
                      f"(mesh {dict(mesh.shape)})")
-  index_map = training.batch_sharding(mesh, 1).devices_indices_map((batch_size,))
+  index_map = sharding_lib.batch_sharding(mesh, 1).devices_indices_map((batch_size,))
   held: dict[int, set[int]] = {}
   for device, (rows,) in index_map.items():
     held.setdefault(device.process_index, set()).update(range(batch_size)[rows])
@@ -412,7 +413,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   workdir = pathlib.Path(workdir).absolute()  # orbax wants absolute paths
   workdir.mkdir(parents=True, exist_ok=True)
   main = jax.process_index() == 0
-  mesh = training.make_mesh(mesh_shape(config, jax.device_count()))
+  mesh = sharding_lib.make_mesh(mesh_shape(config, jax.device_count()))
   cfg, target = load_target(config, mesh)
   dcfg = drafter_config(config, cfg)
   lcfg, ocfg = loss_config(config), optim_config(config)

@@ -12,7 +12,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flexdraft_jax import drafter, model, training  # noqa: E402
+from flexdraft_jax import drafter, model, sharding, training  # noqa: E402
 from flexdraft_jax.model_config import ModelConfig  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def main(meshes):
            "anchors": np.repeat(np.array([[3, 10, 22, 25]]), b, 0).astype(np.int32)}
   out = {}
   for shape in meshes:
-    mesh = training.make_mesh(shape)
+    mesh = sharding.make_mesh(shape)
     tx = training.make_optimizer(training.OptimConfig(learning_rate=1e-2, warmup_steps=1,
                                                       total_steps=10),
                                  {"target": target, "draft": draft0})

@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flexdraft_jax import checkpoint as ckpt_lib  # noqa: E402
-from flexdraft_jax import drafter, model, training  # noqa: E402
+from flexdraft_jax import drafter, model, sharding, training  # noqa: E402
 from flexdraft_jax.model_config import ModelConfig  # noqa: E402
 
 CFG = ModelConfig(family="qwen3", vocab_size=128, hidden_size=32, intermediate_size=64,
@@ -52,7 +52,7 @@ def main(workdir, meshes):
   fresh = training.init_state(tx, target, draft0)
 
   def on_mesh(shape):
-    mesh = training.make_mesh(shape)
+    mesh = sharding.make_mesh(shape)
     fn, st_sh, tg_sh, b_sh = training.compile_train_step(fresh, target, _batch(0), mesh, tx=tx,
                                                          cfg=CFG, dcfg=DCFG,
                                                          lcfg=training.LossConfig())

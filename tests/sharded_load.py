@@ -12,7 +12,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flexdraft_jax import training, weights  # noqa: E402
+from flexdraft_jax import sharding, weights  # noqa: E402
 
 
 def main(folders):
@@ -20,9 +20,9 @@ def main(folders):
   for folder in folders:
     cfg, dense = weights.load_hf(folder, "float32", "float32")
     for shape in ((2, 2, 2), (1, 1, 8)):
-      mesh = training.make_mesh(shape)
+      mesh = sharding.make_mesh(shape)
       _, sharded = weights.load_hf_sharded(
-          folder, lambda p: training.param_shardings(p, mesh), "float32", "float32")
+          folder, lambda p: sharding.param_shardings(p, mesh), "float32", "float32")
       flat = jax.tree_util.tree_leaves_with_path(sharded)
       dense_flat = dict(jax.tree_util.tree_leaves_with_path(dense))
       split = 0

@@ -1,8 +1,7 @@
-"""Sharded decoding by the training rules table: specs per layout, fallbacks, errors,
+"""Sharded decoding by the sharding rules table: specs per layout, fallbacks, errors,
 and token-identical greedy decoding on meshes of 8 simulated CPU devices."""
 import dataclasses
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -12,11 +11,14 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from flexdraft_jax import drafter, flex, generate, model, training
+from conftest import fast_compile_env
+from flexdraft_jax import drafter, flex, generate, model, sharding
 from flexdraft_jax.model_config import ModelConfig
 from flexdraft_jax.sampling import SamplingConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
 # As in tests/multidevice_decode.py: heads, kv heads, MLP width divide by 8, the vocab does not.
 CFG = ModelConfig(family="llama", vocab_size=100, hidden_size=64, intermediate_size=128,
                   num_layers=2, num_heads=16, num_kv_heads=8, head_dim=8, max_position=256)
@@ -27,12 +29,14 @@ BATCH = ("data", "fsdp")
 def _abstract(unroll: bool):
   target = jax.eval_shape(lambda: model.init_params(CFG, jax.random.key(0)))
   draft = jax.eval_shape(lambda t: drafter.init_draft(CFG, DCFG, t, jax.random.key(0)), target)
-  return jax.eval_shape(lambda t, d: {"target": model.decoding_params(t, unroll),
-                                      "draft": drafter.decoding_draft(d, unroll)}, target, draft)
+  # The dense layouts (pack=False): the CPU kernel's packed panels are replicated.
+  return jax.eval_shape(lambda t, d: {"target": model.decoding_params(t, unroll, pack=False),
+                                      "draft": drafter.decoding_draft(d, unroll, pack=False)},
+                        target, draft)
 
 
 def _specs(shardings) -> dict:
-  return {training._path_str(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+  return {sharding.path_str(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
 
 
 def _cache(batch):
@@ -40,9 +44,9 @@ def _cache(batch):
 
 
 def test_decoding_specs_follow_the_rules_in_both_layer_layouts():
-  mesh = AbstractMesh((2, 2, 2), training.MESH_AXES)
-  stacked = training.decode_shardings(_abstract(False), _cache(8), mesh)
-  unrolled = training.decode_shardings(_abstract(True), _cache(8), mesh)
+  mesh = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
+  stacked = sharding.decode_shardings(_abstract(False), _cache(8), mesh)
+  unrolled = sharding.decode_shardings(_abstract(True), _cache(8), mesh)
   s, u = _specs(stacked.params), _specs(unrolled.params)
   assert s["target/layers/attn/q_proj/kernel"] == P(None, "fsdp", "tensor", None)
   assert s["target/layers/attn/k_proj/kernel"] == P(None, "fsdp", "tensor", None)
@@ -69,32 +73,32 @@ def test_decoding_specs_follow_the_rules_in_both_layer_layouts():
 
 
 def test_axes_that_do_not_divide_stay_replicated():
-  mesh = AbstractMesh((2, 2, 2), training.MESH_AXES)
+  mesh = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
   params = _abstract(False)
-  six = training.decode_shardings(params, _cache(6), mesh)  # 6 rows: data divides, fsdp not
+  six = sharding.decode_shardings(params, _cache(6), mesh)  # 6 rows: data divides, fsdp not
   assert six.rows.spec == six.cache.lengths.spec == P("data")
   assert six.cache.k.spec == P(None, "data", "tensor", None, None)
-  three = training.decode_shardings(params, _cache(3), mesh)
+  three = sharding.decode_shardings(params, _cache(3), mesh)
   assert three.rows.spec == P(None)
-  tp8 = training.decode_shardings(params, _cache(8), AbstractMesh((1, 1, 8), training.MESH_AXES))
+  tp8 = sharding.decode_shardings(params, _cache(8), AbstractMesh((1, 1, 8), sharding.MESH_AXES))
   specs = _specs(tp8.params)
   assert specs["target/embed/embedding"] == P(None, "fsdp")  # vocab 100: not split 8 ways
   assert specs["target/layers/attn/q_proj/kernel"] == P(None, "fsdp", "tensor", None)
   assert tp8.cache.k.spec == P(None, BATCH, "tensor", None, None)
   few_kv = dataclasses.replace(CFG, num_kv_heads=2)
   cache = jax.eval_shape(lambda: model.KVCache.zeros(few_kv, 8, 40))
-  assert training.cache_shardings(cache, tp8.replicated.mesh).k.spec == P(None, BATCH, None, None,
+  assert sharding.cache_shardings(cache, tp8.replicated.mesh).k.spec == P(None, BATCH, None, None,
                                                                           None)
 
 
 def test_bad_meshes_and_caches_are_named():
   params, cache = _abstract(False), _cache(8)
   with pytest.raises(ValueError, match=r"mesh with axes \('data', 'fsdp', 'tensor'\)"):
-    training.decode_shardings(params, cache, AbstractMesh((8,), ("x",)))
+    sharding.decode_shardings(params, cache, AbstractMesh((8,), ("x",)))
   with pytest.raises(ValueError, match=r"mesh with axes"):
     flex.compile_flex(params, CFG, DCFG, 8, 16, 40, 1, fcfg=flex.FlexConfig(max_new_tokens=4),
                       mesh=AbstractMesh((2, 4), ("data", "tensor")))
-  two = AbstractMesh((2, 1, 1), training.MESH_AXES)
+  two = AbstractMesh((2, 1, 1), sharding.MESH_AXES)
   with pytest.raises(ValueError, match="on_commit \\(streaming\\) needs a single-device mesh"):
     flex.compile_flex(params, CFG, DCFG, 8, 16, 40, 1, fcfg=flex.FlexConfig(max_new_tokens=4),
                       on_commit=print, mesh=two)
@@ -102,8 +106,8 @@ def test_bad_meshes_and_caches_are_named():
     generate.compile_generate(params["target"], CFG, 8, 16, 40, 1, max_new_tokens=4,
                               sampling=SamplingConfig(), on_token=print, mesh=two)
   with pytest.raises(ValueError, match=r"must both be \[L, B, K, C, H\]"):
-    training.cache_shardings(cache.replace(k=jax.ShapeDtypeStruct(cache.k.shape[1:], np.float32)),
-                             AbstractMesh((1, 1, 1), training.MESH_AXES))
+    sharding.cache_shardings(cache.replace(k=jax.ShapeDtypeStruct(cache.k.shape[1:], np.float32)),
+                             AbstractMesh((1, 1, 1), sharding.MESH_AXES))
   from flexdraft_jax.engine import Engine
   n = jax.device_count()
   with pytest.raises(ValueError, match=f"needs {n + 1} devices, {n} are available"):
@@ -122,7 +126,7 @@ def test_greedy_decoding_is_token_identical_on_8_simulated_devices():
   out = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice_decode.py"),
                         "1,1,1", "8,1,1", "2,2,2", "1,1,8", "--engine=2,2,2"],
                        capture_output=True, text=True, timeout=1500,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       env={**fast_compile_env(), "PYTHONPATH": str(ROOT)})
   assert out.returncode == 0, out.stderr[-3000:]
   res = json.loads(out.stdout.strip().splitlines()[-1])
   runs = res["meshes"]

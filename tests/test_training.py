@@ -13,8 +13,9 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import fast_compile_env
 from flexdraft_jax import checkpoint as ckpt_lib
-from flexdraft_jax import drafter, model, resources, trainer, training
+from flexdraft_jax import drafter, model, resources, sharding, trainer, training
 from flexdraft_jax.model_config import ModelConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def test_target_is_bit_identical_and_frozen_leaves_have_no_state(tiny):
   before = jax.tree.map(np.array, target)
   draft0 = jax.tree.map(np.array, draft)
   fn, st_sh, tg_sh, b_sh = training.compile_train_step(
-      jax.tree.map(jnp.copy, state), target, _batch(), training.make_mesh("auto"), tx=tx, cfg=cfg,
+      jax.tree.map(jnp.copy, state), target, _batch(), sharding.make_mesh("auto"), tx=tx, cfg=cfg,
       dcfg=dcfg, lcfg=training.LossConfig(slot_decay=0.8))
   state = jax.tree.map(jnp.copy, state)
   losses = []
@@ -147,7 +148,7 @@ def test_slot_targets_respect_segments_and_loss_mask():
 def test_meshes_agree_on_8_simulated_devices():
   out = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice_train_step.py"),
                         "1,1,1", "8,1,1", "2,2,2", "1,1,8"], capture_output=True, text=True,
-                       timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       timeout=900, env={**fast_compile_env(), "PYTHONPATH": str(ROOT)})
   assert out.returncode == 0, out.stderr[-3000:]
   runs = json.loads(out.stdout.strip().splitlines()[-1])
   ref = runs["(1, 1, 1)"]

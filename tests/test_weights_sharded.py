@@ -75,14 +75,14 @@ def test_trainer_loads_an_hf_target_into_its_shardings(tmp_path):
   """train.py's path: with a mesh, an HF folder target comes back already placed."""
   import jax
   from configs import tiny
-  from flexdraft_jax import trainer, training
+  from flexdraft_jax import sharding, trainer
   folder = _hf_folder(tmp_path / "q", "Qwen3ForCausalLM", tied=True)
   c = tiny.get_config()
   c.model, c.dtype = str(folder), "float32"
-  mesh = training.make_mesh((1, 1, 1))
+  mesh = sharding.make_mesh((1, 1, 1))
   cfg, params = trainer.load_target(c, mesh)
   _, dense = weights.load_hf(folder, "float32", "float32")
-  want = training.param_shardings(params, mesh)
+  want = sharding.param_shardings(params, mesh)
   for (path, leaf), sh, ref in zip(jax.tree_util.tree_leaves_with_path(params),
                                    jax.tree.leaves(want), jax.tree.leaves(dense)):
     assert leaf.sharding == sh, path

@@ -30,7 +30,8 @@ import importlib.metadata as md, sys, jax
 print(sys.version.split()[0], {p: md.version(p) for p in
       ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "transformers", "tokenizers")})
 print(jax.devices())
-from flexdraft_jax import engine, trainer, bench, flex  # every runtime import resolves
+from flexdraft_jax import engine, trainer, flex  # every runtime import resolves
+from flexdraft_jax.bench import driver
 EOF
   stamp "train throughput (random SmolLM2-shaped target)"
   timeout 150 python3 scripts/h200/train_throughput.py --out="$OUT/train_throughput.json" \

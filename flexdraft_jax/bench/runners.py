@@ -1,0 +1,120 @@
+"""The timed decoding modes: our AR loop and `flex.flex_generate` in each mode."""
+from __future__ import annotations
+
+import functools
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexdraft_jax import flex as flex_lib
+from flexdraft_jax import generate as generate_lib
+from flexdraft_jax import model as model_lib
+from flexdraft_jax import planner
+from flexdraft_jax.bench.workload import (
+    PROMPT_BUCKET, GroupRun, Groups, ModeResult, Runner, Workload, median_wall)
+from flexdraft_jax.sampling import SamplingConfig
+
+
+def run_ar(work: Workload, groups: Groups) -> ModeResult:
+  """Our jitted AR loop (`generate.generate`), one executable per (batch, width)."""
+  m = work.max_new_tokens
+  result = ModeResult(groups=[])
+  compiled = {}  # (batch, width) -> [executable, cache]; the cache is donated and handed back
+  for gi, group in enumerate(groups):
+    prompt_bp, lens_b = generate_lib.pad_prompts(group, PROMPT_BUCKET, work.pad_id)
+    b, width = prompt_bp.shape
+    args = (jnp.asarray(prompt_bp), jnp.asarray(lens_b),
+            jnp.asarray(generate_lib.stop_matrix(work.stop_ids, b)), jax.random.key(0))
+    if (b, width) not in compiled:
+      cache = model_lib.KVCache.zeros(work.cfg, b, width + m)
+      start = time.perf_counter()
+      exe = generate_lib.compile_generate(work.params, work.cfg, b, width, cache.capacity,
+                                          len(work.stop_ids), max_new_tokens=m,
+                                          sampling=SamplingConfig())
+      took = time.perf_counter() - start
+      result.compile_s += took
+      start = time.perf_counter()
+      cache = jax.block_until_ready(exe(work.params, cache, *args))[3]  # warm-up
+      logging.info("ar: compiled batch=%d width=%d capacity=%d in %.1f s; warm-up %.2f s",
+                   b, width, cache.capacity, took, time.perf_counter() - start)
+      compiled[b, width] = [exe, cache]
+    slot = compiled[b, width]
+
+    def call(slot=slot, args=args):
+      out = slot[0](work.params, slot[1], *args)
+      slot[1] = out[3]
+      return out
+
+    wall, (tokens, num_new, steps, _) = median_wall(call, work.repeats)
+    tokens, num_new = np.asarray(tokens), np.asarray(num_new)
+    run = GroupRun(tokens=[tokens[r, :num_new[r]].tolist() for r in range(b)],
+                   new_tokens=int(num_new.sum()), steps=int(steps), wall_s=wall)
+    result.groups.append(run)
+    logging.info("ar: batch=%d group %d/%d: %d tokens, %d steps, %.2f s (%.1f tok/s)", b,
+                 gi + 1, len(groups), run.new_tokens, run.steps, wall, run.new_tokens / wall)
+  result.extra = dict(tau=1.0, forward_passes=result.steps + len(groups), mean_verify_len=None,
+                      mode_histogram=None)
+  return result
+
+
+def run_flex(work: Workload, groups: Groups, *, mode: str) -> ModeResult:
+  """`flex.flex_generate` in `mode`, one executable per (batch, width); FlexStats summed."""
+  m, bs = work.max_new_tokens, work.dcfg.block_size
+  fcfg = flex_lib.FlexConfig(mode=mode, verify_strategy=work.verify_strategy, max_new_tokens=m)
+  params = {"target": work.params, "draft": work.draft}
+  result, compiled, stats = ModeResult(groups=[]), {}, []
+  costs = work.cost_table(len(groups[0])) if mode != "pld" else None
+  if mode == "flex" and costs is None:
+    logging.warning("flex: no cost table for batch size %d; falling back to the active-row "
+                    "threshold", len(groups[0]))
+  kinds = flex_lib.compiled_kinds(fcfg, len(groups[0]), bs, costs)
+  for group in groups:
+    prompt_bp, lens_b = generate_lib.pad_prompts(group, PROMPT_BUCKET, work.pad_id)
+    b, width = prompt_bp.shape
+    args = (jnp.asarray(prompt_bp), jnp.asarray(lens_b),
+            jnp.asarray(generate_lib.stop_matrix(work.stop_ids, b)), jax.random.key(0), costs)
+    if (b, width) not in compiled:  # [executable, cache]: the cache is donated and handed back
+      start = time.perf_counter()
+      exe = flex_lib.compile_flex(params, work.cfg, work.dcfg, b, width, width + m + 2 * bs,
+                                  len(work.stop_ids), fcfg=fcfg, costs=costs, kinds=kinds)
+      result.compile_s += time.perf_counter() - start
+      cache = model_lib.KVCache.zeros(work.cfg, b, width + m + 2 * bs)
+      compiled[b, width] = [exe, jax.block_until_ready(exe(params, cache, *args))[3]]  # warm-up
+    slot = compiled[b, width]
+
+    def call(slot=slot, args=args):
+      out = slot[0](params, slot[1], *args)
+      slot[1] = out[3]
+      return out
+
+    wall, (tokens, num_new, st, _) = median_wall(call, work.repeats)
+    tokens, num_new, st = np.asarray(tokens), np.asarray(num_new), jax.device_get(st)
+    stats.append(st)
+    result.groups.append(GroupRun(tokens=[tokens[r, :num_new[r]].tolist() for r in range(b)],
+                                  new_tokens=int(num_new.sum()), steps=int(st.steps), wall_s=wall))
+    logging.info("%s: batch=%d: %d tokens, %d steps, %.2f s", mode, b, int(num_new.sum()),
+                 int(st.steps), wall)
+  total = lambda f: sum(np.asarray(getattr(st, f)) for st in stats)
+  hist = total("verify_hist")
+  summary = flex_lib.summarize(jax.tree.map(lambda *a: sum(a), *stats))
+  result.extra = dict(
+      tau=float(total("committed").sum() / max(total("row_steps").sum(), 1)),
+      forward_passes=int(total("forward_passes")),
+      mean_verify_len=(float(np.dot(hist, flex_lib.verify_buckets(bs)) / hist.sum())
+                       if hist.sum() else None),
+      mode_histogram=summary["modes"], cost_table=costs is not None,
+      compiled_kinds=[planner.KINDS[k] for k in kinds],
+      # The acceptance model against what happened: accepted drafts expected / observed - 1.
+      predicted_accepted=summary["predicted_accepted"],
+      observed_accepted=summary["observed_accepted"],
+      calibration_error=summary["calibration_error"])
+  return result
+
+
+# Mode name -> runner.
+MODES: dict[str, Runner] = {"ar": run_ar, **{
+    m: functools.partial(run_flex, mode=m) for m in ("parallel", "sequential", "flex", "pld")}}
+DRAFTED = ("parallel", "sequential", "flex")  # the modes that need a drafter
