@@ -24,6 +24,9 @@ _MAX_PROMPT = flags.DEFINE_integer(
     "max_prompt_tokens", None, "Skip prompts of the file longer than this many tokens (chat "
     "template included); --num_prompts counts the prompts kept. Default: keep all.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Most tokens generated per prompt.")
+_PREFILL_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", None, "Most prompt tokens per prefill pass (prompts longer than this are "
+    "prefilled in chunks; lower it if the prefill runs out of memory). Default: 256.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 means greedy decoding.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, in (0, 1].")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k likeliest tokens; 0 disables.")
@@ -55,8 +58,13 @@ _STRATEGY = flags.DEFINE_enum("verify_strategy", "cumulative_product",
                                "full"],
                               "How many drafts to verify per step.")
 _COSTS = flags.DEFINE_string(
-    "costs", None, "Cost table from `python -m flexdraft_jax.bench --calibrate` (costs.json); "
-    "without one, flex switches on the active batch size.")
+    "costs", "auto", "The flex planner's cost table: 'auto' = measure each step kind on first "
+    "use of a batch size on this machine and cache it (under $XDG_CACHE_HOME/flexdraft_jax); a "
+    "costs.json from `python -m flexdraft_jax.bench --calibrate`; 'none' = no table (flex "
+    "switches on the active batch size).")
+_COMPILE_CACHE = flags.DEFINE_bool(
+    "compilation_cache", True, "Keep compiled programs in the persistent XLA cache "
+    "($XDG_CACHE_HOME/flexdraft_jax/xla), so the next run does not compile them again.")
 _STATS = flags.DEFINE_bool("stats", False, "Print tau, acceptance by depth and the mode histogram.")
 
 
@@ -90,6 +98,8 @@ def _usage_checks(argv):
     raise app.UsageError("--max_prompt_tokens must be >= 1 and needs --prompts_file")
   if _NUM_PROMPTS.value is not None and _NUM_PROMPTS.value < 1:
     raise app.UsageError(f"--num_prompts must be >= 1, got {_NUM_PROMPTS.value}")
+  if _PREFILL_CHUNK.value is not None and _PREFILL_CHUNK.value < 1:
+    raise app.UsageError(f"--prefill_chunk must be >= 1, got {_PREFILL_CHUNK.value}")
   if _MAX_NEW.value < 1:
     raise app.UsageError(f"--max_new_tokens must be >= 1, got {_MAX_NEW.value}")
   if _TEMPERATURE.value < 0:
@@ -104,8 +114,8 @@ def _usage_checks(argv):
     raise app.UsageError(f"--verify_threshold must be in (0, 1], got {_THRESHOLD.value}")
   if _drafter_path() is None and _MODE.value not in (None, "ar"):
     raise app.UsageError(f"--mode={_MODE.value} needs --drafter")
-  if _COSTS.value is not None and not pathlib.Path(_COSTS.value).is_file():
-    raise app.UsageError(f"--costs={_COSTS.value} does not exist")
+  if _COSTS.value not in ("auto", "none") and not pathlib.Path(_COSTS.value).is_file():
+    raise app.UsageError(f"--costs={_COSTS.value} does not exist (or pass auto or none)")
   if _DRAFTER.value not in ("auto", "none") and not pathlib.Path(_DRAFTER.value).exists():
     raise app.UsageError(f"--drafter={_DRAFTER.value} does not exist")
   model = _MODEL.value
@@ -117,16 +127,19 @@ def _usage_checks(argv):
 def main(argv):
   _usage_checks(argv)
   from flexdraft_jax import checkpoint  # after flag checks: imports jax
+  from flexdraft_jax import cost_cache
   from flexdraft_jax import engine as engine_lib
   from flexdraft_jax import flex as flex_lib
   from flexdraft_jax import prompts as prompts_lib
   from flexdraft_jax.sampling import SamplingConfig
 
+  if _COMPILE_CACHE.value:
+    cost_cache.enable_compilation_cache()
   logging.info("loading %s", _MODEL.value)
   try:
     engine = engine_lib.Engine(_MODEL.value, None if _DTYPE.value == "auto" else _DTYPE.value,
                                chat_template=_CHAT.value, drafter=_drafter_path(),
-                               costs=_COSTS.value)
+                               costs=_COSTS.value, prefill_chunk=_PREFILL_CHUNK.value)
   except (checkpoint.DrafterMismatchError, checkpoint.DrafterFileError, ValueError) as e:
     raise app.UsageError(str(e)) from None
   if _PROMPT.value is not None:
@@ -174,6 +187,13 @@ def main(argv):
   print(f"[{mode} | {stats.new_tokens} new tokens | {stats.tokens_per_s:.1f} tok/s (compile "
         f"excluded) | tau {stats.tau:.2f} | {stats.forward_passes} forward passes | compile "
         f"{stats.compile_s:.1f} s | batch {batch} | {engine.cfg.dtype}]", file=sys.stderr)
+  for line in stats.compiled:
+    print(f"[{line}]", file=sys.stderr)
+  if mode != "ar":
+    kinds = " ".join(f"{k} {n}" for k, n in stats.modes.items() if n)
+    err = stats.calibration_error
+    err = "" if err is None else f" | acceptance model: expected/observed accepted - 1 = {err:+.2f}"
+    print(f"[planner: steps by kind: {kinds} | tau {stats.tau:.2f}{err}]", file=sys.stderr)
   if _STATS.value:
     print(f"[steps {stats.steps} | modes {stats.modes} | acceptance by depth "
           f"{stats.acceptance_by_depth}]", file=sys.stderr)
@@ -188,5 +208,26 @@ def main(argv):
           f"speedup over AR: {ar_stats.decode_s / stats.decode_s:.2f}x (same prompts, this run, "
           f"compile excluded){same}]", file=sys.stderr)
 
+def _usage_error(message: str, exitcode: int = 2):
+  print(f"decode.py: error: {message.strip().splitlines()[0]}", file=sys.stderr)
+  sys.exit(exitcode)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing; a bad flag value is a one-line usage error (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _usage_error(str(e))
+
+
+def _main(argv):
+  """main, with a usage error printed as one line (not absl's whole flag listing)."""
+  try:
+    main(argv)
+  except app.UsageError as e:
+    _usage_error(str(e), e.exitcode)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(_main, flags_parser=_parse_flags)

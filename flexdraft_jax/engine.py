@@ -16,12 +16,15 @@ import jax
 import numpy as np
 
 from flexdraft_jax import checkpoint
+from flexdraft_jax import cost_cache
 from flexdraft_jax import drafter as drafter_lib
 from flexdraft_jax import flex as flex_lib
 from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
+from flexdraft_jax import planner
+from flexdraft_jax import prefill as prefill_lib
+from flexdraft_jax import sharding as sharding_lib
 from flexdraft_jax import tokenizer as tokenizer_lib
-from flexdraft_jax import training
 from flexdraft_jax import weights
 from flexdraft_jax.sampling import SamplingConfig
 
@@ -37,7 +40,10 @@ class Stats:
   forward_passes: int = 0  # model passes after prefill (flex: prefill included), all batches
   steps: int = 0           # loop iterations (verification steps), all batches
   row_steps: int = 0       # verification steps summed over real rows (the tau denominator)
-  modes: dict = dataclasses.field(default_factory=lambda: {"parallel": 0, "sequential": 0})
+  modes: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(planner.KINDS, 0))
+  compiled: list = dataclasses.field(default_factory=list)  # one line per executable built
+  predicted: float = 0.0   # accepted drafts the cost table's acceptance model expected
+  observed: int = 0        # ... and accepted (flex steps planned with a table)
   acceptance_by_depth: list = dataclasses.field(default_factory=list)
   _tried: np.ndarray | None = None
   _accepted: np.ndarray | None = None
@@ -45,6 +51,11 @@ class Stats:
   @property
   def tokens_per_s(self) -> float:
     return self.new_tokens / self.decode_s if self.decode_s else 0.0
+
+  @property
+  def calibration_error(self) -> float | None:
+    """Accepted drafts the acceptance model expected / observed - 1 (None: no data)."""
+    return self.predicted / self.observed - 1 if self.observed else None
 
   @property
   def tau(self) -> float:
@@ -57,8 +68,10 @@ class Stats:
     self.forward_passes += int(fs.forward_passes)
     self.steps += int(fs.steps)
     self.row_steps += int(np.sum(fs.row_steps[:real]))
-    self.modes["parallel"] += int(fs.modes[0])
-    self.modes["sequential"] += int(fs.modes[1])
+    for kind, n in zip(planner.KINDS, fs.modes):
+      self.modes[kind] += int(n)
+    self.predicted += float(fs.predicted)
+    self.observed += int(fs.observed)
     self._tried = fs.tried if self._tried is None else self._tried + fs.tried
     self._accepted = fs.accepted if self._accepted is None else self._accepted + fs.accepted
     self.acceptance_by_depth = (self._accepted / np.maximum(self._tried, 1)).round(3).tolist()
@@ -76,7 +89,8 @@ class Engine:
 
   def __init__(self, model: str, dtype: str | None = None, chat_template: bool = True,
                unroll_layers: bool | None = None, *, target=None, tokenizer: str | None = None,
-               drafter: str | None = None, costs: str | None = None, mesh=None):
+               drafter: str | None = None, costs: str | None = "auto", mesh=None,
+               prefill_chunk: int | None = None):
     """`unroll_layers` (default: on CPU) runs layers from per-layer param trees.
 
     XLA:CPU copies each layer's weights out of the stacked [L, ...] arrays on
@@ -84,22 +98,26 @@ class Engine:
     `target=(cfg, params)` serves already loaded (or random) weights, with the
     tokenizer of `tokenizer` (default: `model`'s). `drafter` is an exported
     drafter folder (train.py's `workdir/drafter`); it must have been trained for
-    this target (architecture and weights fingerprint are checked). `costs` is a
-    cost table from `python -m flexdraft_jax.bench --calibrate` (costs.json,
-    `flex.load_costs`): for a batch size it lists, the flex mode and
-    `expected_throughput` use it; otherwise flex falls back to
-    `flex.FLEX_BATCH_THRESHOLD`. `mesh` (a
-    `jax.sharding.Mesh` from `training.make_mesh`, or its (data, fsdp, tensor)
-    shape) shards params, cache and rows by `training.decode_shardings`.
+    this target (architecture and weights fingerprint are checked). `costs`
+    drives the flex planner (`planner`): 'auto' (default) measures each step
+    kind's cost on first use of a batch size on this hardware and caches it
+    (`cost_cache.table_for`, with the drafter's acceptance.json); a path is a
+    table from `python -m flexdraft_jax.bench --calibrate`; 'none' (or None)
+    uses the table-less rules (`flex.FLEX_BATCH_THRESHOLD`). `mesh` (a
+    `jax.sharding.Mesh` from `sharding.make_mesh`, or its (data, fsdp, tensor)
+    shape) shards params, cache and rows by `sharding.decode_shardings`.
+    `prefill_chunk` (default `prefill.DEFAULT_CHUNK`) is the most prompt tokens
+    a prefill pass takes (`prefill.prefill`); at most the model's max_position.
     """
     self.mesh = mesh if mesh is None or isinstance(mesh, jax.sharding.Mesh) else (
-        training.make_mesh(mesh))
+        sharding_lib.make_mesh(mesh))
     if self.mesh is not None:
-      training.check_mesh(self.mesh)
+      sharding_lib.check_mesh(self.mesh)
     self.cfg, params = target if target is not None else weights.load_model(model, dtype=dtype)
+    self.prefill_chunk = check_prefill_chunk(prefill_chunk, self.cfg.max_position)
     if unroll_layers is None:
       unroll_layers = jax.default_backend() == "cpu"
-    self.dcfg, self.draft = None, None
+    self.dcfg, self.draft, fingerprint = None, None, None
     if drafter is not None:
       fingerprint = checkpoint.target_fingerprint(dataclasses.asdict(self.cfg), params)
       meta, draft = checkpoint.load_drafter(drafter, dataclasses.asdict(self.cfg), fingerprint,
@@ -109,17 +127,43 @@ class Engine:
     self.params = model_lib.decoding_params(params, unroll_layers)
     if self.mesh is not None:  # placed once, as the executables expect them
       both = {"target": self.params, "draft": self.draft}
-      both = jax.device_put(both, training.param_shardings(both, self.mesh))
+      both = jax.device_put(both, sharding_lib.param_shardings(both, self.mesh))
       self.params, self.draft = both["target"], both["draft"]
-    self.costs = {}
-    if costs is not None:
-      if self.dcfg is None:
-        raise ValueError(f"cost table {costs} given without a drafter")
-      self.costs = flex_lib.load_costs(costs, self.dcfg.block_size)
+    self.costs, self._auto_costs, self.setup_key = {}, None, None
+    costs = "none" if costs is None else costs
+    if self.dcfg is not None:
+      folder = pathlib.Path(drafter)
+      folder = folder.parent if folder.suffix == ".json" else folder
+      acceptance = cost_cache.load_acceptance(folder) if costs == "auto" else None
+      self.setup_key = cost_cache.setup_key(self.cfg, fingerprint, self.dcfg,
+                                            cost_cache.drafter_digest(folder), unroll_layers,
+                                            acceptance and acceptance[1])
+      if costs == "auto":
+        self._auto_costs = acceptance and (self.setup_key, acceptance[0])
+      elif costs != "none":
+        self.load_costs(costs)
+    elif costs not in ("none", "auto"):
+      raise ValueError(f"cost table {costs} given without a drafter")
     self.tokenizer = tokenizer_lib.load_tokenizer(tokenizer or model)
     self.chat_template = chat_template and bool(self.tokenizer.chat_template)
     self.stop_ids = tokenizer_lib.stop_token_ids(self.tokenizer)
     self._compiled = {}
+
+  def load_costs(self, path) -> None:
+    """Uses a `bench --calibrate` table; CostTableError unless it was measured for this
+    model, drafter, dtype and block size."""
+    self.costs = planner.load_tables(path, flex_lib.verify_buckets(self.dcfg.block_size),
+                                     cost_cache.identity(self.setup_key))
+    self._auto_costs = None
+    self._compiled = {}
+
+  def cost_table(self, batch: int) -> planner.CostTable | None:
+    """The planner's table at this batch size: given, measured and cached, or None."""
+    if batch not in self.costs and self._auto_costs is not None:
+      key, acceptance = self._auto_costs
+      self.costs[batch] = cost_cache.table_for({"target": self.params, "draft": self.draft},
+                                               self.cfg, self.dcfg, batch, key, acceptance)
+    return self.costs.get(batch)
 
   def encode(self, prompt: str) -> list[int]:
     if self.chat_template:
@@ -128,25 +172,36 @@ class Engine:
 
   def _executable(self, batch, width, capacity, max_new_tokens, sampling, on_token, flex, stats):
     key = (batch, width, capacity, max_new_tokens, sampling, on_token, flex)
-    if key not in self._compiled:
-      start = time.perf_counter()
-      if flex is None:
-        exe = generate_lib.compile_generate(
-            self.params, self.cfg, batch, width, capacity, len(self.stop_ids),
-            max_new_tokens=max_new_tokens, sampling=sampling, on_token=on_token, mesh=self.mesh)
-        self._compiled[key] = lambda p, c, x, n, s, k: exe(p, c, x, n, s, k)
-      else:
-        fcfg = dataclasses.replace(flex, max_new_tokens=max_new_tokens, sampling=sampling)
-        costs = self.costs.get(batch)
-        if fcfg.verify_strategy == "expected_throughput" and costs is None:
-          raise ValueError(f"verify_strategy 'expected_throughput' needs a cost table with "
-                           f"batch size {batch} (bench --calibrate)")
-        exe = flex_lib.compile_flex({"target": self.params, "draft": self.draft}, self.cfg,
-                                    self.dcfg, batch, width, capacity, len(self.stop_ids),
-                                    fcfg=fcfg, costs=costs, on_commit=on_token, mesh=self.mesh)
-        self._compiled[key] = lambda p, c, x, n, s, k: exe(
-            {"target": p, "draft": self.draft}, c, x, n, s, k, costs)
-      stats.compile_s += time.perf_counter() - start
+    if key in self._compiled:
+      return self._compiled[key]
+    if flex is None:
+      what, compile_ = "ar", lambda: generate_lib.compile_generate(
+          self.params, self.cfg, batch, width, capacity, len(self.stop_ids),
+          max_new_tokens=max_new_tokens, sampling=sampling, on_token=on_token, mesh=self.mesh,
+          prefill_chunk=self.prefill_chunk)
+      call = lambda exe: lambda p, c, x, n, s, k: exe(p, c, x, n, s, k)
+    else:
+      fcfg = dataclasses.replace(flex, max_new_tokens=max_new_tokens, sampling=sampling,
+                                 prefill_chunk=self.prefill_chunk)
+      costs = self.cost_table(batch)  # measured here on first use: not compile time
+      if fcfg.verify_strategy == "expected_throughput" and costs is None:
+        raise ValueError(f"verify_strategy 'expected_throughput' needs a cost table with "
+                         f"batch size {batch} (bench --calibrate)")
+      kinds = flex_lib.compiled_kinds(fcfg, batch, self.dcfg.block_size, costs)
+      what = (f"{fcfg.mode}: {'+'.join(planner.KINDS[k] for k in kinds)} "
+              f"({'cost table' if costs is not None else 'no cost table'})")
+      compile_ = lambda: flex_lib.compile_flex(
+          {"target": self.params, "draft": self.draft}, self.cfg, self.dcfg, batch, width,
+          capacity, len(self.stop_ids), fcfg=fcfg, costs=costs, on_commit=on_token,
+          mesh=self.mesh, kinds=kinds)
+      call = lambda exe: lambda p, c, x, n, s, k: exe({"target": p, "draft": self.draft}, c, x, n,
+                                                      s, k, costs)
+    start = time.perf_counter()
+    with cost_cache.CompileCounter() as counter:
+      self._compiled[key] = call(compile_())
+    took = time.perf_counter() - start
+    stats.compile_s += took
+    stats.compiled.append(f"{what}, batch {batch}: compile {took:.1f} s, {counter.describe()}")
     return self._compiled[key]
 
   def generate(self, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
@@ -186,7 +241,7 @@ class Engine:
                             on_token, flex, stats)
       zeros = lambda: model_lib.KVCache.zeros(self.cfg, batch_size, capacity)
       cache = zeros() if self.mesh is None else jax.jit(  # allocated sharded
-          zeros, out_shardings=training.cache_shardings(jax.eval_shape(zeros), self.mesh))()
+          zeros, out_shardings=sharding_lib.cache_shardings(jax.eval_shape(zeros), self.mesh))()
       stops = generate_lib.stop_matrix(self.stop_ids, batch_size)
       key, sub = jax.random.split(key)
       jax.block_until_ready(cache)
@@ -209,23 +264,42 @@ class Engine:
     return out, stats
 
   def _check_prefill_memory(self, batch: int, width: int) -> None:
-    """ValueError when the prefill's attention scores alone would not fit in memory.
+    """ValueError when the prefill's largest buffers would not fit in memory.
 
-    The prompt pass materialises f32 scores and probabilities [B, heads, W, W]
-    (the cache is scored in chunks, the prompt is not), which dominates for
-    long prompts: e.g. 8 ShareGPT prompts of 6k tokens need ~20 GiB.
+    Prompts are prefilled in chunks of C = min(prefill_chunk, width) tokens
+    (`prefill`): the peak is the KV cache of the padded prompts plus one chunk's
+    f32 attention scores and probabilities, [B, heads, C, C + CACHE_CHUNK]
+    (`prefill.scores_bytes`), and its MLP activations; nothing grows with W^2.
     """
-    need = 2 * batch * self.cfg.num_heads * width * width * 4
-    free = available_memory()
+    c, cfg = min(self.prefill_chunk, width), self.cfg
+    itemsize = cfg.jnp_dtype.itemsize
+    cache = 2 * cfg.num_layers * batch * cfg.num_kv_heads * width * cfg.head_dim * itemsize
+    chunk = (prefill_lib.scores_bytes(batch, cfg.num_heads, c)
+             + 3 * batch * c * cfg.intermediate_size * itemsize)
+    need, free = cache + chunk, available_memory()
     if batch and free is not None and need > free:
       raise ValueError(
           f"prompts padded to {width} tokens at batch {batch} need about {need / 2**30:.1f} GiB "
-          f"for the prefill's attention scores, more than the {free / 2**30:.1f} GiB available "
-          f"on {jax.devices()[0].platform}: use a smaller batch size or skip long prompts "
-          f"(decode.py --max_prompt_tokens)")
+          f"to prefill ({cache / 2**30:.1f} GiB of KV cache, {chunk / 2**20:.0f} MiB per "
+          f"{c}-token chunk), more than the {free / 2**30:.1f} GiB available on "
+          f"{jax.devices()[0].platform}: lower --prefill_chunk or --batch_size, or skip long "
+          f"prompts (decode.py --max_prompt_tokens)")
 
   def decode(self, token_ids: list[int]) -> str:
     return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def check_prefill_chunk(chunk: int | None, max_position: int) -> int:
+  """The prefill chunk size to use (None: the default, at most max_position); ValueError for
+  one out of range."""
+  if chunk is None:
+    return min(prefill_lib.DEFAULT_CHUNK, max_position)
+  if chunk < 1:
+    raise ValueError(f"--prefill_chunk must be >= 1, got {chunk}")
+  if chunk > max_position:
+    raise ValueError(f"--prefill_chunk={chunk} is above the KV cache capacity: the cache holds "
+                     f"at most the model's max_position={max_position} tokens")
+  return chunk
 
 
 def available_memory() -> int | None:

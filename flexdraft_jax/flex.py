@@ -2,25 +2,28 @@
 
 Per row the loop keeps the cache (n committed tokens cached) and `Candidates`:
 the target's logits for position n and drafts for positions n, n+1, ... with
-their top probabilities and, when sampling, the distributions they were drawn
-from. A parallel step commits its bonus b without caching it: b becomes
-drafts[:, 0] with confidence 1, q = delta(b) and last logits delta(b), so both
-greedy and rejection sampling accept it with certainty; `certain` marks it so
-that it is not emitted twice.
+their top probabilities, the kind of step that made them (`source`) and, when
+sampling, the distributions they were drawn from. A step that commits its
+bonus b without caching it leaves b as drafts[:, 0] with confidence 1, q =
+delta(b) and last logits delta(b), so both greedy and rejection sampling accept
+it with certainty; `certain` marks it so that it is not emitted twice.
 
-Each step verifies a static bucket of V drafts (`verify_buckets`) with
-L_0 = the last logits and L_i = the target's logits at draft i-1, then drafts:
-- parallel: one pass with groups of slots anchored at n-1+g (g = 0..V); the new
+Each step is one of four kinds (`planner.KINDS`) at a static verify width w
+(`verify_buckets`), verifying drafts[:, :w] with L_0 = the last logits and
+L_i = the target's logits at draft i-1:
+- ar: a target pass over drafts[:, :1] (the bonus); the next drafts are looked up;
+- pld (prompt lookup, training-free): a target pass over w drafts; the next
+  drafts are the tokens that followed the latest earlier match of the row's
+  last n tokens (n in PLD_NGRAMS) in its prompt + output, confidence 1 (0 past them);
+- parallel: one pass with groups of slots anchored at n-1+g (g = 0..w); the new
   drafts are [b] + slots 1.. of group acc, calibrated with b;
-- sequential: a target pass over the V drafts, then a pass whose clean token is
+- sequential: a target pass over the w drafts, then a pass whose clean token is
   b (cached once) with one block anchored at b.
-- pld (prompt lookup decoding, training-free): the drafts are the tokens that
-  followed the latest earlier match of the row's last n committed tokens
-  (n in PLD_NGRAMS, longest first) in its prompt + generated history, with
-  confidence 1 (0 past them); each step is one target pass over [b] + drafts,
-  b committed and uncached as in a parallel step. The draft params are unused.
-Every row may verify all V drafts of the pass: the pass costs the same, so
-per-row verify lengths only pick the bucket.
+Any kind can follow any other: each verifies whatever drafts the row holds.
+`planner` picks the kind and width per step from a measured `CostTable`; the
+kinds that cannot pay are not compiled (`compiled_kinds`). Every row may verify
+all w drafts of the pass: the pass costs the same, so per-row verify lengths
+only pick the width.
 
 Passes inside `lax.switch`/`lax.cond` only read the cache and return their new
 keys/values, which are written after the branch: XLA copies a cache that is
@@ -30,8 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import pathlib
 from typing import Any
 
 import flax
@@ -43,27 +44,31 @@ from jax import lax
 from flexdraft_jax import drafter
 from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
+from flexdraft_jax import planner
+from flexdraft_jax import prefill as prefill_lib
 from flexdraft_jax.model_config import ModelConfig
+from flexdraft_jax.planner import AR, KINDS, PARALLEL, PLD, SEQUENTIAL, CostTable
 from flexdraft_jax.sampling import SamplingConfig, probabilities, sample
 
 MODES = ("ar", "parallel", "sequential", "flex", "pld")
 STRATEGIES = ("min_confidence", "cumulative_product", "expected_throughput", "full")
 VERIFY_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # static verify widths (see `verify_buckets`)
 # 'flex' without a cost table: parallel while at most this many rows are active, else
-# sequential (the paper finds parallel best at batch <= 2 on Qwen3-8B/A100). Done rows
-# still ride in the static batch, so a measured cost table (`CostTable`) is the better guide.
+# sequential (the paper finds parallel best at batch <= 2 on Qwen3-8B/A100). A measured
+# cost table (`planner.CostTable`) replaces this rule.
 FLEX_BATCH_THRESHOLD = 2
-PARALLEL, SEQUENTIAL, PLD = 0, 1, 2  # rows of the cost table (PLD: none) and of FlexStats.modes
 PLD_NGRAMS = (3, 2)  # n-gram sizes pld looks up, longest first
+DRAFTED = (PARALLEL, SEQUENTIAL)  # the kinds that run the draft layers
 
 
 @dataclasses.dataclass(frozen=True)
 class FlexConfig:
   mode: str = "flex"                             # one of MODES
-  verify_strategy: str = "cumulative_product"    # one of STRATEGIES
+  verify_strategy: str = "cumulative_product"    # one of STRATEGIES (thresholds: no table)
   verify_threshold: float = 0.01                 # t of min_confidence / cumulative_product
   max_new_tokens: int = 128
   sampling: SamplingConfig = SamplingConfig()
+  prefill_chunk: int = prefill_lib.DEFAULT_CHUNK  # most prompt tokens per prefill pass
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -74,70 +79,13 @@ class FlexConfig:
       raise ValueError(f"verify_threshold must be in (0, 1], got {self.verify_threshold}")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.prefill_chunk < 1:
+      raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
 
 
 def verify_buckets(block_size: int) -> tuple[int, ...]:
   """Static verify widths: the VERIFY_BUCKETS below block_size, then block_size."""
   return tuple(v for v in VERIFY_BUCKETS if v < block_size) + (block_size,)
-
-
-@flax.struct.dataclass
-class CostTable:
-  """What the flex policy knows about one batch size on this hardware, with this drafter.
-
-  A step of either mode verifies the same candidates, so one step's expected
-  gain does not depend on the mode; what differs is the next candidates: a
-  sequential step drafts all of them from slot 0 anchored at the bonus, a
-  parallel step takes calibrated slots 1.. of the accepted group. So each mode
-  is weighted by its measured tau (committed tokens per row-step): a step of
-  mode m at verify width w is worth tau[m] / step_ms[m, w] tokens per ms.
-  Measured by `python -m flexdraft_jax.bench --calibrate` (`save_costs`).
-  """
-  step_ms: jax.Array  # [2, len(verify_buckets)] a parallel / a sequential step per verify width
-  tau: jax.Array      # [2] committed tokens per row-step in parallel / sequential mode
-
-  @classmethod
-  def make(cls, step_ms, tau=(1.0, 1.0)) -> "CostTable":
-    """A table from host values; tau (1, 1) compares step costs alone."""
-    return cls(step_ms=np.asarray(step_ms, np.float32), tau=np.asarray(tau, np.float32))
-
-  def rate(self):
-    """[2, W] tau[m] / step_ms[m, w]: committed tokens per ms of each mode and width."""
-    return self.tau[:, None] / self.step_ms
-
-
-def save_costs(path, step_ms: dict[int, Any], tau: dict[str, float], block_size: int,
-               header: dict[str, Any] | None = None) -> None:
-  """Writes a cost table file: {"block_size", "verify_widths", "tau": {parallel,
-  sequential}, "step_ms": {"<batch>": [[parallel ms per width], [sequential ...]]}}."""
-  out = {"block_size": block_size, "verify_widths": list(verify_buckets(block_size)),
-         "tau": {"parallel": tau["parallel"], "sequential": tau["sequential"]},
-         "step_ms": {str(b): np.asarray(t).tolist() for b, t in step_ms.items()}}
-  if header:
-    out["header"] = header
-  pathlib.Path(path).write_text(json.dumps(out, indent=2) + "\n")
-
-
-def load_costs(path, block_size: int) -> dict[int, CostTable]:
-  """{batch size: CostTable} from a `save_costs` file; ValueError if it does not fit."""
-  try:
-    raw = json.loads(pathlib.Path(path).read_text())
-    widths, tau = tuple(raw["verify_widths"]), raw["tau"]
-    tables = {int(b): CostTable.make(t, (tau["parallel"], tau["sequential"]))
-              for b, t in raw["step_ms"].items()}
-  except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-    raise ValueError(f"{path} is not a cost table from `bench --calibrate` "
-                     f"({type(e).__name__}: {e})") from None
-  if widths != verify_buckets(block_size):
-    raise ValueError(f"cost table {path} was measured for verify widths {list(widths)} (block "
-                     f"size {raw.get('block_size')}); this drafter has block size {block_size}, "
-                     f"widths {list(verify_buckets(block_size))}: run bench --calibrate again")
-  want = (2, len(widths))
-  bad = [b for b, t in tables.items() if t.step_ms.shape != want]
-  if bad or any(not np.all(t.step_ms > 0) or not np.all(t.tau > 0) for t in tables.values()):
-    raise ValueError(f"cost table {path}: step_ms must be positive [2, {len(widths)}] lists and "
-                     f"tau positive (batch sizes {bad or sorted(tables)})")
-  return tables
 
 
 @flax.struct.dataclass
@@ -150,28 +98,36 @@ class FlexStats:
   tried: jax.Array           # [Bs] row-steps whose pass verified draft k (k = 0 is the
                              #      first draft after the last bonus)
   accepted: jax.Array        # [Bs] ... that accepted drafts 0..k
-  modes: jax.Array           # [3] steps in parallel / sequential / pld mode
+  modes: jax.Array           # [4] steps of each kind (planner.KINDS)
   verify_hist: jax.Array     # [len(verify_buckets)] steps per verify width
+  model_tried: jax.Array     # [3, Bs, NUM_BINS] drafts j verified after j-1 accepted, by source
+  model_hit: jax.Array       # [3, Bs, NUM_BINS] ... and accepted (planner.AcceptanceModel.fit)
+  predicted: jax.Array       # [] accepted drafts the table's acceptance model expected
+  observed: jax.Array        # [] accepted drafts (both over active rows, table steps only)
 
   @classmethod
   def zeros(cls, batch: int, block_size: int) -> "FlexStats":
     z = lambda *s: jnp.zeros(s, jnp.int32)
+    nb = (3, block_size, planner.NUM_BINS)
     return cls(steps=z(), forward_passes=z(), row_steps=z(batch), committed=z(batch),
                accept_hist=z(block_size + 1), tried=z(block_size), accepted=z(block_size),
-               modes=z(3), verify_hist=z(len(verify_buckets(block_size))))
+               modes=z(len(KINDS)), verify_hist=z(len(verify_buckets(block_size))),
+               model_tried=z(*nb), model_hit=z(*nb), predicted=jnp.float32(0), observed=z())
 
 
 def summarize(stats: FlexStats) -> dict[str, Any]:
-  """Host summary: tau (ALGORITHM.md §5), histograms, and acceptance_by_depth[k] =
-  accepted[k] / tried[k], the chance that a verified draft k and all before it pass."""
+  """Host summary: tau (ALGORITHM.md §5), histograms, acceptance_by_depth[k] =
+  accepted[k] / tried[k] (the chance that a verified draft k and all before it pass) and
+  the acceptance model's calibration error (predicted / observed accepted drafts - 1)."""
   s = jax.tree.map(np.asarray, stats)
   rate = np.where(s.tried > 0, s.accepted / np.maximum(s.tried, 1), np.nan)
   return {"tau": float(s.committed.sum() / max(s.row_steps.sum(), 1)),
           "steps": int(s.steps), "forward_passes": int(s.forward_passes),
           "new_tokens": int(s.committed.sum()), "acceptance_by_depth": rate.tolist(),
-          "accept_hist": s.accept_hist.tolist(),
-          "modes": dict(zip(("parallel", "sequential", "pld"), s.modes.tolist())),
-          "verify_hist": s.verify_hist.tolist()}
+          "accept_hist": s.accept_hist.tolist(), "modes": dict(zip(KINDS, s.modes.tolist())),
+          "verify_hist": s.verify_hist.tolist(), "predicted_accepted": float(s.predicted),
+          "observed_accepted": int(s.observed),
+          "calibration_error": (float(s.predicted / s.observed - 1) if s.observed else None)}
 
 
 @flax.struct.dataclass
@@ -182,6 +138,7 @@ class Candidates:
   conf: jax.Array         # [B, Bs] the draft's top probability per draft
   q: jax.Array | None     # [B, Bs, V] the distributions drafts were drawn from (sampling only)
   certain: jax.Array      # [B] 1 when drafts[:, 0] is an already emitted bonus
+  source: jax.Array       # [B] planner.SOURCES index of what made the drafts
 
 
 @flax.struct.dataclass
@@ -198,24 +155,35 @@ class FlexState:
 # ----------------------------------------------------------------------------
 # Drafting and verification
 # ----------------------------------------------------------------------------
-def candidates(key, logits_BJV, sampling: SamplingConfig, last_logits=None, bonus=None):
+def candidates(key, logits_BJV, sampling: SamplingConfig, source: int, last_logits=None,
+               bonus=None):
   """Candidates from slot logits [B, J, V]: after a cached clean token whose target
-  logits are `last_logits`, or behind a committed, uncached `bonus` (parallel step)."""
+  logits are `last_logits`, or behind a committed, uncached `bonus`."""
   if sampling.greedy:
     drafts, q = jnp.argmax(logits_BJV, axis=-1).astype(jnp.int32), None
     conf = jax.nn.softmax(logits_BJV, axis=-1).max(-1)
   else:
     drafts, q = sample(key, logits_BJV, sampling), probabilities(logits_BJV, sampling)
     conf = q.max(-1)
-  b, vocab = drafts.shape[0], logits_BJV.shape[-1]
+  vocab = logits_BJV.shape[-1]
+  if last_logits is None:  # replaced by delta(bonus) in _behind
+    last_logits = jnp.zeros((drafts.shape[0], vocab), jnp.float32)
+  return _behind(Candidates(last_logits=last_logits, drafts=drafts, conf=conf, q=q,
+                            certain=jnp.zeros(drafts.shape[:1], jnp.int32),
+                            source=jnp.full(drafts.shape[:1], source, jnp.int32)), bonus)
+
+
+def _behind(c: Candidates, bonus):
+  """c with the uncached `bonus` put first (certain), or c itself for bonus None."""
   if bonus is None:
-    return Candidates(last_logits=last_logits, drafts=drafts, conf=conf, q=q,
-                      certain=jnp.zeros((b,), jnp.int32))
+    return c
+  b, vocab = c.drafts.shape[0], c.last_logits.shape[-1]
   first = lambda a, x: jnp.concatenate([x[:, None], a], axis=1)
-  return Candidates(last_logits=_delta(bonus, vocab), drafts=first(drafts, bonus),
-                    conf=first(conf, jnp.ones((b,), conf.dtype)),
-                    q=None if q is None else first(q, jax.nn.one_hot(bonus, vocab, dtype=q.dtype)),
-                    certain=jnp.ones((b,), jnp.int32))
+  return c.replace(last_logits=_delta(bonus, vocab), drafts=first(c.drafts, bonus),
+                   conf=first(c.conf, jnp.ones((b,), c.conf.dtype)),
+                   q=None if c.q is None else first(c.q, jax.nn.one_hot(bonus, vocab,
+                                                                        dtype=c.q.dtype)),
+                   certain=jnp.ones((b,), jnp.int32))
 
 
 def _leading(ok_BK):
@@ -277,9 +245,6 @@ def _delta(tokens_B, vocab: int):
   return jnp.where(jnp.arange(vocab)[None] == tokens_B[:, None], 0.0, -jnp.inf)
 
 
-# ----------------------------------------------------------------------------
-# Checks
-# ----------------------------------------------------------------------------
 def check_draft(params, cfg: ModelConfig, dcfg: drafter.DrafterConfig):
   """Raises ValueError when the draft params do not match dcfg (K layers, calibration rank)."""
   dcfg.validate(cfg)
@@ -298,252 +263,348 @@ def check_draft(params, cfg: ModelConfig, dcfg: drafter.DrafterConfig):
 # ----------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "fcfg", "on_commit", "_broken"),
-                   donate_argnames=("cache",))
-def flex_generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, stop_ids_BS, key,
-                  costs=None, *, cfg: ModelConfig, dcfg: drafter.DrafterConfig, fcfg: FlexConfig,
-                  on_commit=None, _broken: bool = False):
-  """FlexDraft generation. Returns (tokens [B, M] -1 padded, num_new [B], FlexStats, cache).
+def _padded(kv, width: int, bs: int):
+  """[L,B,width,K,H] -> [L,B,Bs,K,H]: one shape for every branch."""
+  return jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, bs - width), (0, 0), (0, 0))), kv)
 
-  params = {'target', 'draft'}. `costs` (optional) is the `CostTable` of this
-  batch size: the measured time of a parallel and of a sequential step (both
-  passes) per verify width, and each mode's measured tau; done rows stay in the
-  batch, so a step costs the same whatever the active count. `on_commit(tokens_BJ,
-  count_B, drafted_B)`, if given, is called on the host once per step with the
-  committed tokens, their count and how many came from accepted drafts.
+
+class _Loop:
+  """The pieces of one flex program, for static kinds and widths (built while tracing).
+
+  `branches` lists (kind, width, cost-table column); `plan` picks one per step,
+  `step` runs it: the kind's pass(es), then `commit` and `count`.
   """
-  m, bs = fcfg.max_new_tokens, dcfg.block_size
-  if fcfg.mode == "ar":
-    return _ar(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key, cfg, fcfg, bs, on_commit)
-  if fcfg.mode == "pld" and fcfg.verify_strategy == "expected_throughput":
-    raise ValueError("mode 'pld' has no cost table row: use another verify_strategy")
-  if fcfg.mode != "pld":
-    check_draft(params, cfg, dcfg)
-  b, width = prompt_BP.shape
-  if cache.capacity < width + m + 2 * bs:
-    raise ValueError(f"KV cache capacity {cache.capacity} is below the padded prompt width {width} "
-                     f"+ max_new_tokens {m} + 2 * block_size {bs}")
-  all_widths = verify_buckets(bs)
-  if fcfg.verify_strategy == "expected_throughput" and costs is None:
-    raise ValueError("verify_strategy 'expected_throughput' needs a cost table")
-  if costs is not None and (costs.step_ms.shape != (2, len(all_widths))
-                            or costs.tau.shape != (2,)):
-    raise ValueError(f"costs must be a CostTable with step_ms of shape (2, {len(all_widths)}) "
-                     f"(mode, verify width {all_widths}) and tau of shape (2,), got "
-                     f"{costs.step_ms.shape} and {costs.tau.shape}")
-  sampling = fcfg.sampling
-  widths = (bs,) if fcfg.verify_strategy == "full" else all_widths  # compiled verify widths
-  column = jnp.array([all_widths.index(w) for w in widths])  # widths -> cost/histogram column
-  modes = {"parallel": (PARALLEL,), "sequential": (SEQUENTIAL,), "pld": (PLD,)}.get(
-      fcfg.mode, (PARALLEL, SEQUENTIAL))
-  slot_logits = functools.partial(drafter.slot_logits, params, cfg)
 
-  # Prefill: the prompt as clean tokens, one block anchored at each row's last token.
-  key, sub = jax.random.split(key)
-  cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
-  if fcfg.mode == "pld":  # the target alone; the drafts are looked up in the prompt
-    logits, kv = model_lib.clean_pass(params["target"], cfg, prompt_BP,
-                                      model_lib.next_positions(cache, width),
-                                      jnp.broadcast_to(model_lib.causal_mask(width), (b, width, width)),
-                                      cache)
-  else:
-    logits, h, kv = drafter.mixed_pass(params, cfg, dcfg, prompt_BP, (prompt_lens_B - 1)[:, None],
-                                       cache)
-  last = jnp.take_along_axis(logits, (prompt_lens_B - 1)[:, None, None], axis=1)[:, 0]
-  zeros = jnp.zeros((b,), jnp.int32)
+  def __init__(self, params, cfg: ModelConfig, dcfg, fcfg: FlexConfig, kinds, costs,
+               prompt_BP, prompt_lens_B, stop_ids_BS, on_commit=None, broken=False, only=None):
+    self.params, self.cfg, self.dcfg, self.fcfg, self.costs = params, cfg, dcfg, fcfg, costs
+    self.on_commit = on_commit
+    self.prompt, self.lens, self.stops, self.broken = prompt_BP, prompt_lens_B, stop_ids_BS, broken
+    self.bs, self.sampling, self.b = dcfg.block_size, fcfg.sampling, prompt_BP.shape[0]
+    self.kinds = kinds
+    self.branches = branches(fcfg, self.bs, kinds, only)
+    index = np.full((len(KINDS), len(verify_buckets(self.bs))), -1, np.int32)  # (kind, column)
+    for i, (k, _, c) in enumerate(self.branches):
+      index[k, c] = i
+    self.index = index
 
-  def looked_up(tokens, num_new, bonus=None):
-    """pld candidates from the prompt + tokens[:num_new]: [bonus] + lookups behind a bonus."""
+  # -- passes ------------------------------------------------------------------
+  def prefill(self, cache, key) -> FlexState:
+    """The prompt as clean tokens (and one block anchored at each row's last token)."""
+    b = self.prompt.shape[0]
+    out0 = jnp.full((b, self.fcfg.max_new_tokens + self.bs + 1), -1, jnp.int32)
+    key, sub = jax.random.split(key)
+    chunk = min(self.fcfg.prefill_chunk, self.prompt.shape[1])
+    if any(k in DRAFTED for k in self.kinds):  # chunks, then a block at each row's last token
+      last, h, cache = prefill_lib.flex_prefill(self.params, self.cfg, self.dcfg, cache,
+                                                self.prompt, self.lens, chunk=chunk)
+      cand = candidates(sub, self._slot_logits(h[:, 0]), self.sampling,
+                        planner.SOURCE_OF[SEQUENTIAL], last_logits=last)
+    else:  # the target alone; the drafts are looked up in the prompt
+      last, cache = prefill_lib.prefill(self.params["target"], self.cfg, cache, self.prompt,
+                                        self.lens, chunk=chunk)
+      cand = self.looked_up(out0, jnp.zeros((b,), jnp.int32), None, last)
+    return FlexState(cache=cache, cand=cand, tokens=out0,
+                     num_new=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool), key=key,
+                     stats=FlexStats.zeros(b, self.bs).replace(forward_passes=jnp.int32(1)))
+
+  def _slot_logits(self, h, bonus=None):
+    return drafter.slot_logits(self.params, self.cfg, h, bonus)
+
+  def _target_pass(self, tokens_BT, cache):
+    t = tokens_BT.shape[1]
+    return model_lib.clean_pass(self.params["target"], self.cfg, tokens_BT,
+                                model_lib.next_positions(cache, t),
+                                jnp.broadcast_to(model_lib.causal_mask(t), (self.b, t, t)), cache)
+
+  def looked_up(self, tokens, num_new, bonus, last_logits):
+    """Lookup candidates from the prompt + tokens[:num_new] ([bonus] + lookups behind it)."""
+    width = self.prompt.shape[1]
     i = jnp.arange(width + tokens.shape[1])[None]
-    gen = jnp.take_along_axis(tokens, jnp.clip(i - prompt_lens_B[:, None], 0, tokens.shape[1] - 1),
+    gen = jnp.take_along_axis(tokens, jnp.clip(i - self.lens[:, None], 0, tokens.shape[1] - 1),
                               axis=1)
-    history = jnp.where(i < prompt_lens_B[:, None],
-                        jnp.pad(prompt_BP, ((0, 0), (0, tokens.shape[1]))), gen)
-    drafts, conf = lookup_drafts(history, prompt_lens_B + num_new, bs - (bonus is not None))
-    c = Candidates(last_logits=last, drafts=drafts, conf=conf, q=None, certain=zeros)
-    if bonus is not None:
-      first = lambda a, x: jnp.concatenate([x[:, None], a], axis=1)
-      c = Candidates(last_logits=_delta(bonus, last.shape[-1]), drafts=first(drafts, bonus),
-                     conf=first(conf, jnp.ones((b,), conf.dtype)), q=None, certain=zeros + 1)
-    q = None if sampling.greedy else jax.nn.one_hot(c.drafts, last.shape[-1], dtype=jnp.float32)
+    history = jnp.where(i < self.lens[:, None],
+                        jnp.pad(self.prompt, ((0, 0), (0, tokens.shape[1]))), gen)
+    drafts, conf = lookup_drafts(history, self.lens + num_new, self.bs - (bonus is not None))
+    z = jnp.zeros((self.b,), jnp.int32)
+    c = _behind(Candidates(last_logits=last_logits, drafts=drafts, conf=conf, q=None, certain=z,
+                           source=z + planner.LOOKUP), bonus)
+    q = None if self.sampling.greedy else jax.nn.one_hot(c.drafts, last_logits.shape[-1],
+                                                         dtype=jnp.float32)
     return c.replace(q=q)
 
-  out0 = jnp.full((b, m + bs + 1), -1, jnp.int32)
-  cand0 = (looked_up(out0, zeros) if fcfg.mode == "pld" else
-           candidates(sub, slot_logits(h[:, 0]), sampling, last_logits=last))
-  state = FlexState(cache=cache.append(kv, prompt_lens_B), cand=cand0, tokens=out0, num_new=zeros,
-                    done=jnp.zeros((b,), bool), key=key,
-                    stats=FlexStats.zeros(b, bs).replace(forward_passes=jnp.int32(1)))
-
-  def plan(c: Candidates, active):
-    """(mode, index into widths) of this step."""
-    w = jnp.array(widths)
-    if fcfg.verify_strategy == "expected_throughput":
-      # Expected committed tokens per row verifying V: 1 - certain + sum_{i<V} prod_{j<=i} p_j.
-      expect = (1 - c.certain)[:, None] + jnp.cumsum(jnp.cumprod(c.conf, axis=1), axis=1)
-      gain = jnp.sum(jnp.where(active[:, None], expect[:, w - 1], 0.0), axis=0)
-      best = jnp.argmax((gain * costs.rate()[jnp.array(modes)][:, column]).reshape(-1))
-      return jnp.array(modes)[best // len(widths)], best % len(widths)
-    if fcfg.verify_strategy == "full":
-      v = jnp.full((b,), bs, jnp.int32)
-    else:
-      p = c.conf if fcfg.verify_strategy == "min_confidence" else jnp.cumprod(c.conf, axis=1)
-      v = _leading(p >= fcfg.verify_threshold)
-    bucket = jnp.argmax(w >= jnp.max(jnp.where(active, jnp.clip(v, 1, bs), 1)))
-    if len(modes) == 1:
-      return jnp.int32(modes[0]), bucket
-    if costs is None:
-      return jnp.where(active.sum() <= FLEX_BATCH_THRESHOLD, PARALLEL, SEQUENTIAL), bucket
-    # This step's gain is the same in both modes; tau carries what the mode does next.
-    return jnp.argmax(costs.rate()[:, column[bucket]]), bucket
-
-  def judge(c: Candidates, logits_BKV, width, key):
+  def _judge(self, c: Candidates, logits_BKV, width, key):
     """verify() of drafts[:, :width] with L_0 = last_logits and L_i = logits_BKV[:, i-1]."""
     return verify(key, jnp.concatenate([c.last_logits[:, None], logits_BKV], axis=1),
-                  c.drafts[:, :width], None if c.q is None else c.q[:, :width], sampling, _broken)
+                  c.drafts[:, :width], None if c.q is None else c.q[:, :width], self.sampling,
+                  self.broken)
 
-  def padded(kv, width):  # [L,B,width,K,H] -> [L,B,Bs,K,H]: one shape for every branch
-    return jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, bs - width), (0, 0), (0, 0))), kv)
-
-  def parallel(c: Candidates, cache, keys, width):
+  def _parallel(self, c: Candidates, cache, keys, width):
     """Verify + draft in one pass; the new drafts are [b] + group acc's calibrated slots."""
     anchors = cache.lengths[:, None] - 1 + jnp.arange(width + 1, dtype=jnp.int32)[None]
-    logits, h, kv = drafter.mixed_pass(params, cfg, dcfg, c.drafts[:, :width], anchors, cache)
-    acc, bonus = judge(c, logits, width, keys[0])
+    logits, h, kv = drafter.mixed_pass(self.params, self.cfg, self.dcfg, c.drafts[:, :width],
+                                       anchors, cache)
+    acc, bonus = self._judge(c, logits, width, keys[0])
     h_acc = jnp.take_along_axis(h, acc[:, None, None, None], axis=1)[:, 0, 1:]  # [B, Bs-1, d]
-    z = slot_logits(h_acc, jnp.broadcast_to(bonus[:, None], h_acc.shape[:2]))
-    return acc, bonus, candidates(keys[1], z, sampling, bonus=bonus), padded(kv, width)
+    z = self._slot_logits(h_acc, jnp.broadcast_to(bonus[:, None], h_acc.shape[:2]))
+    cand = candidates(keys[1], z, self.sampling, planner.SOURCE_OF[PARALLEL], bonus=bonus)
+    return acc, bonus, cand, _padded(kv, width, self.bs)
 
-  def target_verify(c: Candidates, cache, keys, width):
-    """Sequential step, pass 1: the target alone verifies (the drafts come from draft_pass)."""
-    logits, kv = model_lib.clean_pass(params["target"], cfg, c.drafts[:, :width],
-                                      model_lib.next_positions(cache, width),
-                                      jnp.broadcast_to(model_lib.causal_mask(width), (b, width, width)),
-                                      cache)
-    acc, bonus = judge(c, logits, width, keys[0])
-    return acc, bonus, c, padded(kv, width)
+  def _verify_only(self, c: Candidates, cache, keys, width):
+    """ar / pld / sequential pass 1: the target alone verifies; the next drafts come later."""
+    logits, kv = self._target_pass(c.drafts[:, :width], cache)
+    acc, bonus = self._judge(c, logits, width, keys[0])
+    return acc, bonus, c, _padded(kv, width, self.bs)
 
-  def draft_pass(cache, bonus, key):
-    """Sequential step, pass 2: b as a clean token, one block anchored at it."""
-    logits, h, kv = drafter.mixed_pass(params, cfg, dcfg, bonus[:, None], cache.lengths[:, None], cache)
-    return candidates(key, slot_logits(h[:, 0]), sampling, last_logits=logits[:, 0]), kv
+  def _draft(self, cache, bonus, key):
+    """Sequential pass 2: b as a clean token, one block anchored at it."""
+    logits, h, kv = drafter.mixed_pass(self.params, self.cfg, self.dcfg, bonus[:, None],
+                                       cache.lengths[:, None], cache)
+    cand = candidates(key, self._slot_logits(h[:, 0]), self.sampling,
+                      planner.SOURCE_OF[SEQUENTIAL], last_logits=logits[:, 0])
+    return cand, kv
 
-  branches = [functools.partial(parallel if mode == PARALLEL else target_verify, width=w)
-              for mode in modes for w in widths]
+  # -- plan --------------------------------------------------------------------
+  def plan(self, s: FlexState):
+    """Index into `branches` of this step."""
+    c, active = s.cand, ~s.done
+    if self.costs is not None and len(self.branches) > 1:
+      return planner.best_step(self.costs, self.branches, c.conf, c.certain, c.source, active)
+    columns = sorted({col for _, _, col in self.branches})
+    w = jnp.array([verify_buckets(self.bs)[col] for col in columns])
+    if self.fcfg.verify_strategy == "full":
+      v = jnp.full((self.b,), self.bs, jnp.int32)
+    else:
+      p = c.conf if self.fcfg.verify_strategy == "min_confidence" else jnp.cumprod(c.conf, axis=1)
+      v = _leading(p >= self.fcfg.verify_threshold)
+    column = jnp.array(columns)[jnp.argmax(w >= jnp.max(jnp.where(active, jnp.clip(v, 1, self.bs),
+                                                                  1)))]
+    kinds = self.kinds
+    if set(kinds) == {PARALLEL, SEQUENTIAL}:  # table-less flex
+      kind = jnp.where(active.sum() <= FLEX_BATCH_THRESHOLD, PARALLEL, SEQUENTIAL)
+    elif set(kinds) <= {AR, PLD}:
+      kind = jnp.where(column == 0, AR, kinds[-1])
+    else:
+      kind = jnp.int32(kinds[0])
+    index = jnp.asarray(self.index)[kind, column]
+    return jnp.where(index >= 0, index, 0)  # a kind without that width: its first branch
 
-  def cond(s: FlexState):
-    return jnp.any(~s.done)
-
-  def body(s: FlexState):
+  # -- step --------------------------------------------------------------------
+  def step(self, s: FlexState, branch) -> FlexState:
+    """One verification step of branch `branch` (a traced index)."""
     active = ~s.done
     on = active.astype(jnp.int32)
-    mode, bucket = plan(s.cand, active)
     key, k_verify, k_draft = jax.random.split(s.key, 3)
-    acc, bonus, cand, kv = lax.switch((mode - modes[0]) * len(widths) + bucket, branches, s.cand,
-                                      s.cache, (k_verify, k_draft))
+    fns = [functools.partial(self._parallel if k == PARALLEL else self._verify_only, width=w)
+           for k, w, _ in self.branches]
+    kind = jnp.array([k for k, _, _ in self.branches])[branch]
+    width = jnp.array([w for _, w, _ in self.branches])[branch]
+    acc, bonus, cand, kv = lax.switch(branch, fns, s.cand, s.cache, (k_verify, k_draft))
     cache = s.cache.append(kv, acc * on)
-    if SEQUENTIAL in modes:
-      if modes == (SEQUENTIAL,):
-        cand, kv = draft_pass(cache, bonus, k_draft)
+    if SEQUENTIAL in self.kinds:
+      if self.kinds == (SEQUENTIAL,):
+        cand, kv = self._draft(cache, bonus, k_draft)
       else:
         skip = lambda cache: (cand, jax.tree.map(lambda a: jnp.zeros_like(a[:, :, :1]), kv))
-        cand, kv = lax.cond(mode == SEQUENTIAL, lambda cache: draft_pass(cache, bonus, k_draft),
+        cand, kv = lax.cond(kind == SEQUENTIAL, lambda cache: self._draft(cache, bonus, k_draft),
                             skip, cache)
-      cache = cache.append(kv, on * (mode == SEQUENTIAL))
-    # Committed: drafts[certain..acc-1], then the bonus; cut at a stop token and at M.
-    j = jnp.arange(bs + 1)[None]
+      cache = cache.append(kv, on * (kind == SEQUENTIAL))
+    tokens, count, drafted, stop = self.commit(s, acc, bonus, active)
+    if self.on_commit is not None:
+      jax.debug.callback(self.on_commit, tokens, count, jnp.minimum(count, drafted), ordered=True)
+    out = s.tokens.at[jnp.arange(self.b)[:, None], s.num_new[:, None] + jnp.arange(self.bs + 1)[None]
+                      ].set(tokens)  # slots past num_new hold -1: the -1 tail changes nothing
+    num_new = s.num_new + count
+    if AR in self.kinds or PLD in self.kinds:
+      looked = self.looked_up(out, num_new, bonus, cand.last_logits)
+      if self.kinds == (AR,) or set(self.kinds) == {AR, PLD}:
+        cand = looked
+      else:
+        cand = jax.tree.map(lambda a, b: jnp.where(kind <= PLD, a, b), looked, cand)
+    stats = self.count(s, kind, width, branch, acc, drafted, count, active)
+    done = s.done | (active & stop) | (num_new >= self.fcfg.max_new_tokens)
+    return FlexState(cache=cache, cand=cand, tokens=out, num_new=num_new, done=done, key=key,
+                     stats=stats)
+
+  def commit(self, s: FlexState, acc, bonus, active):
+    """Committed tokens [B, Bs+1] (-1 padded): drafts[certain..acc-1], then the bonus, cut
+    at a stop token and at max_new_tokens; their count, how many were drafts, stopped."""
+    j = jnp.arange(self.bs + 1)[None]
     certain, drafted = s.cand.certain, acc - s.cand.certain
     ext = jnp.concatenate([s.cand.drafts, s.cand.drafts[:, :1]], axis=1)
-    shifted = jnp.take_along_axis(ext, jnp.minimum(certain[:, None] + j, bs), axis=1)
+    shifted = jnp.take_along_axis(ext, jnp.minimum(certain[:, None] + j, self.bs), axis=1)
     tokens = jnp.where(j < drafted[:, None], shifted, bonus[:, None])
-    stop = jnp.any(tokens[..., None] == stop_ids_BS[:, None], axis=-1) & (j <= drafted[:, None])
+    stop = jnp.any(tokens[..., None] == self.stops[:, None], axis=-1) & (j <= drafted[:, None])
     count = jnp.where(stop.any(1), jnp.argmax(stop, axis=1), drafted) + 1
-    count = jnp.where(active, jnp.minimum(count, m - s.num_new), 0)
-    tokens = jnp.where(j < count[:, None], tokens, -1)
-    if on_commit is not None:
-      jax.debug.callback(on_commit, tokens, count, jnp.minimum(count, drafted), ordered=True)
-    # Slots past num_new hold -1, so writing the -1 tail of `tokens` changes nothing.
-    out = s.tokens.at[jnp.arange(b)[:, None], s.num_new[:, None] + j].set(tokens)
-    st = s.stats
-    depth = jnp.arange(bs)[None]
-    verified = jnp.array(widths)[bucket] - certain  # drafts after the bonus in this pass
-    st = st.replace(
+    count = jnp.where(active, jnp.minimum(count, self.fcfg.max_new_tokens - s.num_new), 0)
+    return jnp.where(j < count[:, None], tokens, -1), count, drafted, stop.any(1)
+
+  def count(self, s: FlexState, kind, width, branch, acc, drafted, count, active) -> FlexStats:
+    """The step's statistics, acceptance-model counts included."""
+    st, c, on = s.stats, s.cand, active.astype(jnp.int32)
+    depth = jnp.arange(self.bs)[None]
+    verified = width - c.certain  # drafts after the bonus in this pass
+    # Draft j was judged when j < width and drafts < j passed (a certain draft is not judged).
+    judged = (depth < width) & (depth <= acc[:, None]) & ~((c.certain[:, None] == 1) & (depth == 0))
+    where = (c.source[:, None], depth, planner.confidence_bins(c.conf))
+    add = lambda a, x: a.at[where].add(jnp.where(active[:, None], x, 0).astype(jnp.int32))
+    predicted, observed = st.predicted, st.observed
+    if self.costs is not None:
+      e = planner.own_expected_accepts(self.costs.acceptance, c.conf, c.certain, c.source, width)
+      predicted = predicted + jnp.sum(jnp.where(active, e, 0.0))
+      observed = observed + jnp.sum(drafted * on)
+    return st.replace(
         steps=st.steps + 1, row_steps=st.row_steps + on,
-        forward_passes=st.forward_passes + jnp.where(mode == SEQUENTIAL, 2, 1),
+        forward_passes=st.forward_passes + jnp.where(kind == SEQUENTIAL, 2, 1),
         committed=st.committed + count, accept_hist=st.accept_hist.at[drafted].add(on),
         tried=st.tried + jnp.sum(on[:, None] * (depth < verified[:, None]), axis=0),
         accepted=st.accepted + jnp.sum(on[:, None] * (depth < drafted[:, None]), axis=0),
-        modes=st.modes.at[mode].add(1), verify_hist=st.verify_hist.at[column[bucket]].add(1))
-    num_new = s.num_new + count
-    if fcfg.mode == "pld":
-      cand = looked_up(out, num_new, bonus)
-    done = s.done | (active & stop.any(1)) | (num_new >= m)
-    return FlexState(cache=cache, cand=cand, tokens=out, num_new=num_new, done=done, key=key,
-                     stats=st)
+        modes=st.modes.at[kind].add(1),
+        verify_hist=st.verify_hist.at[jnp.array([col for _, _, col in self.branches])[branch]].add(1),
+        model_tried=add(st.model_tried, judged), model_hit=add(st.model_hit, judged & (depth < acc[:, None])),
+        predicted=predicted, observed=observed)
 
-  state = lax.while_loop(cond, body, state)
-  return state.tokens[:, :m], state.num_new, state.stats, state.cache
+
+def _check(params, cfg, dcfg, fcfg, kinds, cache, width, costs):
+  bs, m = dcfg.block_size, fcfg.max_new_tokens
+  if any(k in DRAFTED for k in kinds):
+    check_draft(params, cfg, dcfg)
+  if cache.capacity < width + m + 2 * bs:
+    raise ValueError(f"KV cache capacity {cache.capacity} is below the padded prompt width {width} "
+                     f"+ max_new_tokens {m} + 2 * block_size {bs}")
+  if fcfg.verify_strategy == "expected_throughput" and costs is None:
+    raise ValueError("verify_strategy 'expected_throughput' needs a cost table")
+  want = (len(KINDS), len(verify_buckets(bs)))
+  if costs is not None and (costs.step_ms.shape != want
+                            or costs.acceptance.alpha.shape != (3, bs, planner.NUM_BINS)):
+    raise ValueError(f"costs must be a planner.CostTable with step_ms of shape {want} (kind, "
+                     f"verify width {verify_buckets(bs)}) and acceptance for block size {bs}, got "
+                     f"{costs.step_ms.shape} and {costs.acceptance.alpha.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "fcfg", "kinds", "on_commit",
+                                             "_broken"),
+                   donate_argnames=("cache",))
+def flex_generate(params, cache: model_lib.KVCache, prompt_BP, prompt_lens_B, stop_ids_BS, key,
+                  costs=None, *, cfg: ModelConfig, dcfg: drafter.DrafterConfig, fcfg: FlexConfig,
+                  kinds: tuple[int, ...] | None = None, on_commit=None, _broken: bool = False):
+  """FlexDraft generation. Returns (tokens [B, M] -1 padded, num_new [B], FlexStats, cache).
+
+  params = {'target', 'draft'}. `kinds` (static; default: those of fcfg.mode,
+  `planner.mode_kinds`) are the step kinds compiled in. `costs` (optional) is
+  the `planner.CostTable` of this batch size: with it, every step takes the
+  (kind, width) of most expected tokens per measured ms (`planner.best_step`);
+  done rows stay in the batch, so a step costs the same whatever the active
+  count. `on_commit(tokens_BJ, count_B, drafted_B)`, if given, is called on the
+  host once per step with the committed tokens, their count and how many came
+  from accepted drafts.
+  """
+  if kinds is None:  # a traced table cannot prune kinds (compile_flex does, `compiled_kinds`)
+    kinds = DRAFTED if fcfg.mode == "flex" and costs is None else planner.mode_kinds(fcfg.mode)
+  kinds = tuple(sorted(kinds))
+  if kinds == (AR,):
+    return _ar(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key, cfg, fcfg,
+               dcfg.block_size, on_commit)
+  _check(params, cfg, dcfg, fcfg, kinds, cache, prompt_BP.shape[1], costs)
+  loop = _Loop(params, cfg, dcfg, fcfg, kinds, costs, prompt_BP, prompt_lens_B, stop_ids_BS,
+               on_commit, _broken)
+
+  state = lax.while_loop(lambda s: jnp.any(~s.done), lambda s: loop.step(s, loop.plan(s)),
+                         loop.prefill(cache, key))
+  return state.tokens[:, :fcfg.max_new_tokens], state.num_new, state.stats, state.cache
 
 
 def _ar(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key, cfg, fcfg, bs, on_commit):
-  """Mode 'ar': the plain target loop of generate.py, with FlexStats."""
+  """Kinds (ar,): the plain target loop of generate.py, with FlexStats."""
   on_token = None
   if on_commit is not None:
     on_token = lambda t, a: on_commit(t[:, None], a.astype(np.int32), np.zeros(a.shape, np.int32))
   tokens, num_new, steps, cache = generate_lib.generate(
       params["target"], cache, prompt_BP, prompt_lens_B, stop_ids_BS, key, cfg=cfg,
-      max_new_tokens=fcfg.max_new_tokens, sampling=fcfg.sampling, on_token=on_token)
+      max_new_tokens=fcfg.max_new_tokens, sampling=fcfg.sampling, on_token=on_token,
+      prefill_chunk=fcfg.prefill_chunk)
   stats = FlexStats.zeros(prompt_BP.shape[0], bs)
   stats = stats.replace(steps=steps + 1, forward_passes=steps + 1, row_steps=num_new,
-                        committed=num_new)
+                        committed=num_new, modes=stats.modes.at[AR].set(steps + 1))
   return tokens, num_new, stats, cache
 
 
-def static_mode(fcfg: FlexConfig, batch: int, costs=None) -> str:
-  """The mode flex would pick at every step of this executable, or 'flex' when it varies.
+def compiled_kinds(fcfg: FlexConfig, batch: int, block_size: int, costs=None) -> tuple[int, ...]:
+  """The step kinds an executable of this mode, batch size and cost table carries.
 
-  The switch depends on the active row count (no cost table) or on the verify
-  width (`CostTable`). When no step can choose differently, because the batch
-  is at most FLEX_BATCH_THRESHOLD or one mode commits at least as many tokens
-  per ms (`CostTable.rate`) at every verify width, the decisions are known
-  before tracing, and compiling that mode alone drops the other mode's
-  branches from the loop. The tokens are the same either way.
+  A fixed mode has its own (`planner.mode_kinds`). Flex with a table keeps the
+  kinds whose steady-state tokens per ms come near the best kind's
+  (`planner.compiled_kinds`): when that is ar alone, flex is the plain AR loop.
+  Flex without a table uses parallel at batch <= FLEX_BATCH_THRESHOLD (no step
+  could pick sequential), else both. The tokens are the same either way.
   """
   if fcfg.mode != "flex":
-    return fcfg.mode
+    return planner.mode_kinds(fcfg.mode)
   if costs is None:
-    return "parallel" if batch <= FLEX_BATCH_THRESHOLD else "flex"
-  rate = np.asarray(costs.rate())
-  if np.all(rate[PARALLEL] >= rate[SEQUENTIAL]):  # ties go to parallel, as in `plan`
-    return "parallel"
-  if np.all(rate[SEQUENTIAL] > rate[PARALLEL]):
-    return "sequential"
-  return "flex"
+    return (PARALLEL,) if batch <= FLEX_BATCH_THRESHOLD else DRAFTED
+  widths = (block_size,) if fcfg.verify_strategy == "full" else verify_buckets(block_size)
+  return planner.compiled_kinds(costs, widths)
 
 
 def compile_flex(params, cfg: ModelConfig, dcfg: drafter.DrafterConfig, batch: int, width: int,
                  capacity: int, num_stop_ids: int, *, fcfg: FlexConfig, costs=None, on_commit=None,
-                 mesh=None):
-  """Ahead-of-time compiled `flex_generate` for one shape bucket.
+                 mesh=None, kinds=None):
+  """Ahead-of-time compiled `flex_generate` for one shape bucket, with `kinds` (default:
+  `compiled_kinds`).
 
   Call it as `exe(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key, costs)`.
-  A flex config whose choice is fixed for this batch and cost table compiles
-  only the mode it would choose (`static_mode`).
 
-  With `mesh` (`training.make_mesh`), it is compiled for the shardings of
-  `training.decode_shardings` (the training rules table): params and cache go
-  in, and the cache comes back, sharded that way; tokens and num_new come back
-  split by rows, the stats replicated. Arguments not yet placed (numpy arrays,
-  uncommitted jax arrays) are placed by the call; place the params once with
-  `jax.device_put(params, shardings.params)` so that calls do not move them.
-  Streaming (`on_commit`) works on a one-device mesh only.
+  With `mesh` (`sharding.make_mesh`), it is compiled for the decode shardings
+  of the rules table: params and cache go in, and the cache comes back, sharded
+  that way; tokens and num_new come back split by rows, the stats replicated.
+  Arguments not yet placed (numpy arrays, uncommitted jax arrays) are placed by
+  the call; place the params once with `jax.device_put(params, shardings.params)`
+  so that calls do not move them. Streaming (`on_commit`) works on a one-device
+  mesh only.
   """
-  fcfg = dataclasses.replace(fcfg, mode=static_mode(fcfg, batch, costs))
+  if kinds is None:
+    kinds = compiled_kinds(fcfg, batch, dcfg.block_size, costs)
   cache = jax.eval_shape(lambda: model_lib.KVCache.zeros(cfg, batch, capacity))
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
   args = (i32(batch, width), i32(batch), i32(batch, num_stop_ids), jax.random.key(0), costs)
-  static = dict(cfg=cfg, dcfg=dcfg, fcfg=fcfg, on_commit=on_commit)
+  static = dict(cfg=cfg, dcfg=dcfg, fcfg=fcfg, kinds=tuple(sorted(kinds)), on_commit=on_commit)
   if mesh is None:
     return flex_generate.lower(params, cache, *args, **static).compile()
   return generate_lib.compile_on_mesh(lambda *a: flex_generate(*a, **static), params, cache, args,
                                       mesh, "on_commit" if on_commit is not None else None)
+
+
+# ----------------------------------------------------------------------------
+# Timing one step (the planner's cost table)
+# ----------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "fcfg", "kinds"),
+                   donate_argnames=("cache",))
+def prefill_state(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key, *, cfg, dcfg, fcfg,
+                  kinds):
+  """The loop state after the prompt pass (what `timed_step` starts from)."""
+  loop = _Loop(params, cfg, dcfg, fcfg, kinds, None, prompt_BP, prompt_lens_B, stop_ids_BS)
+  return loop.prefill(cache, key)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "fcfg", "kind", "width"),
+                   donate_argnames=("state",))
+def timed_step(params, state: FlexState, prompt_BP, prompt_lens_B, stop_ids_BS, *, cfg, dcfg,
+               fcfg, kind: int, width: int):
+  """One loop step of `kind` at verify `width` (a program of that one branch), from `state`
+  rewound to the prompt (cache lengths, output): every call costs a step at that context."""
+  loop = _Loop(params, cfg, dcfg, fcfg, (kind,), None, prompt_BP, prompt_lens_B, stop_ids_BS,
+               only=(kind, width))
+  state = state.replace(cache=state.cache.replace(lengths=prompt_lens_B),
+                        num_new=jnp.zeros_like(state.num_new), done=jnp.zeros_like(state.done),
+                        tokens=jnp.full_like(state.tokens, -1))
+  return loop.step(state, jnp.int32(0))
+
+
+def branches(fcfg: FlexConfig, block_size: int, kinds, only=None) -> list[tuple[int, int, int]]:
+  """(kind, width, cost-table column) of each branch an executable with `kinds` carries
+  (`only`: the one (kind, width))."""
+  if only is not None:
+    return [(only[0], only[1], verify_buckets(block_size).index(only[1]))]
+  widths = (block_size,) if fcfg.verify_strategy == "full" else verify_buckets(block_size)
+  return [(k, w, verify_buckets(block_size).index(w)) for k in sorted(kinds)
+          for w in planner.kind_widths(k, widths)]

@@ -8,11 +8,18 @@ from absl import app
 from absl import flags
 from absl.testing import flagsaver
 import jax
+import numpy as np
 import pytest
 
-from flexdraft_jax import bench
 from flexdraft_jax import flex as flex_lib
+from flexdraft_jax import planner
 from flexdraft_jax import resources
+from flexdraft_jax.bench import driver
+from flexdraft_jax.bench import hf_reference
+from flexdraft_jax.bench import report
+from flexdraft_jax.bench import runners
+from flexdraft_jax.bench import ties
+from flexdraft_jax.bench import workload
 
 _ROW_KEYS = {"mode", "batch_size", "tokens_per_s", "ms_per_step", "compile_s", "new_tokens",
              "hf_tokens_per_s", "hf_ms_per_step", "ratio_vs_hf", "matches_hf", "tau",
@@ -21,11 +28,11 @@ _HEADER_KEYS = {"machine", "versions", "backend", "dtype", "date", "command"}
 
 
 def _main(*argv: str) -> None:
-  """Runs `bench.main` as `python -m flexdraft_jax.bench *argv` would, flags restored after."""
+  """Runs `driver.main` as `python -m flexdraft_jax.bench *argv` would, flags restored after."""
   with flagsaver.flagsaver():
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["bench", *argv])
-    bench.main(["bench"])
+    driver.main(["bench"])
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +132,10 @@ def test_bench_speculative_modes(tmp_path, tiny_hf_folder, prompt_file, monkeypa
   """ar, parallel and pld on a tiny model with a random drafter: lossless, stats, the plot.
   'sequential' is faked to return wrong tokens: lossless=false, no speed."""
   def lossy(work, groups):
-    return bench.ModeResult(groups=[bench.GroupRun(tokens=[[0] * 8] * len(g), new_tokens=8 * len(g),
+    return workload.ModeResult(groups=[workload.GroupRun(tokens=[[0] * 8] * len(g), new_tokens=8 * len(g),
                                                    steps=8, wall_s=1.0) for g in groups])
 
-  monkeypatch.setitem(bench.MODES, "sequential", lossy)
+  monkeypatch.setitem(runners.MODES, "sequential", lossy)
   _main(f"--model={tiny_hf_folder}", f"--prompts={prompt_file}", "--num_prompts=2",
         "--batch_sizes=1", "--max_new_tokens=8", "--compare_hf=false", "--repeats=1",
         "--random_drafter_layers=1", "--block_size=4",
@@ -159,30 +166,39 @@ def test_bench_speculative_modes(tmp_path, tiny_hf_folder, prompt_file, monkeypa
 
 
 def test_calibrate_then_flex_with_the_table(tmp_path, tiny_hf_folder, prompt_file):
-  """--calibrate writes the cost table (step ms per verify width and batch, tau per mode);
-  --costs hands it to the speculative modes, and flex compiles the mode it rates best."""
+  """--calibrate writes the cost table (step ms per kind, verify width and batch; the
+  acceptance counts); --costs hands it to the speculative modes, and flex compiles the
+  kinds `flex.compiled_kinds` keeps."""
   common = (f"--model={tiny_hf_folder}", f"--prompts={prompt_file}", "--num_prompts=2",
             "--batch_sizes=1", "--max_new_tokens=8", "--random_drafter_layers=1", "--block_size=4")
-  _main(*common, "--profile_runs=2", "--calibrate", f"--out_dir={tmp_path / 'cal'}")
+  # The calibration-MLP ablation: the drafter runs without it (a drafter of its own).
+  common += ("--no_calibration",)
+  _main(*common, "--calibrate", f"--out_dir={tmp_path / 'cal'}")
   path = tmp_path / "cal" / "costs.json"
   raw = json.loads(path.read_text())
   assert raw["verify_widths"] == [1, 2, 4] and list(raw["step_ms"]) == ["1"]
-  assert all(len(row) == 3 and min(row) > 0 for row in raw["step_ms"]["1"])
-  assert raw["tau"]["parallel"] >= 1.0 and raw["tau"]["sequential"] >= 1.0
+  assert raw["kinds"] == list(planner.KINDS) and raw["format"] == planner.FORMAT
+  ar, pld, par, seq = raw["step_ms"]["1"]
+  assert ar[0] > 0 and ar[1:] == [None, None] and pld[0] is None and min(pld[1:]) > 0
+  assert len(par) == len(seq) == 3 and min(par + seq) > 0
+  tried = np.asarray(raw["acceptance"]["tried"])
+  assert tried.shape == (3, 4, planner.NUM_BINS) and (tried.sum((1, 2)) > 0).all()  # each source
+  assert (tmp_path / "cal" / "acceptance.json").is_file()
   assert raw["header"]["settings"]["calibrate"] is True
   assert not (tmp_path / "cal" / "bench.json").exists()
-  # With the calibration-MLP ablation on: the drafter runs without it, still lossless.
   _main(*common, "--modes=flex", f"--costs={path}", "--compare_hf=false", "--repeats=1",
-        "--no_calibration", f"--out_dir={tmp_path / 'run'}")
+        f"--out_dir={tmp_path / 'run'}")
   result = json.loads((tmp_path / "run" / "bench.json").read_text())
   assert result["header"]["no_calibration"] is True
   assert result["header"]["drafter_config"]["calib_rank"] == 0
   row = result["rows"][0]
   assert row["lossless"] and row["cost_table"] is True
-  table = flex_lib.load_costs(path, 4)[1]
-  assert row["compiled_mode"] == flex_lib.static_mode(flex_lib.FlexConfig(), 1, table)
-  with pytest.raises(app.UsageError, match="verify widths \\[1, 2, 4\\]"):
-    _main(*common[:-1], "--block_size=8", "--modes=flex", f"--costs={path}",
+  table = planner.load_tables(path, (1, 2, 4))[1]
+  kinds = flex_lib.compiled_kinds(flex_lib.FlexConfig(), 1, 4, table)
+  assert row["compiled_kinds"] == [planner.KINDS[k] for k in kinds]
+  assert row["calibration_error"] is None or row["calibration_error"] > -1
+  with pytest.raises(app.UsageError, match="another setup: .*block_size: 4 \\(table\\) vs 8"):
+    _main(*common[:-2], "--block_size=8", "--no_calibration", "--modes=flex", f"--costs={path}",
           f"--out_dir={tmp_path / 'run'}")
 
 
@@ -211,24 +227,24 @@ def test_format_table():
          "speedup_vs_ar": 1.0, "lossless": True,
          "compile_s": 6.0, "new_tokens": 512, "hf_tokens_per_s": None, "hf_ms_per_step": None,
          "ratio_vs_hf": None, "matches_hf": None, "matches_hf_of": None}
-  lines = bench.format_table([row]).splitlines()
+  lines = report.format_table([row]).splitlines()
   assert lines[0].split()[:3] == ["mode", "batch", "tok/s"]
   assert lines[2].split() == ["ar", "8", "12.5", "80.0", "1.00", "1.00", "True", "6.0", "512",
                               "-", "-", "-", "-"]
   lossy = dict(row, mode="pld", tokens_per_s=None, ms_per_step=None, speedup_vs_ar=None,
                lossless=False, tau=2.5)
-  assert bench.format_table([lossy]).splitlines()[2].split()[:7] == [
+  assert report.format_table([lossy]).splitlines()[2].split()[:7] == [
       "pld", "8", "-", "-", "2.50", "-", "False"]
 
 
 def test_same_tokens_ignore_eos():
   eos = [2]
-  assert bench.same_tokens([5, 6, 2, 9], [5, 6, 7, 8], eos, ignore_eos=True)
-  assert not bench.same_tokens([5, 6, 2, 9], [5, 7, 7, 8], eos, ignore_eos=True)
-  assert bench.same_tokens([5, 6], [5, 6], eos, ignore_eos=False)
-  assert not bench.same_tokens([5, 6, 2], [5, 6, 7], eos, ignore_eos=False)
-  assert bench.compared_length([5, 6, 2, 9], [5, 6, 7, 8], eos, ignore_eos=True) == 2
-  assert bench.compared_length([5, 6, 7], [5, 6, 7], eos, ignore_eos=True) == 3
+  assert hf_reference.same_tokens([5, 6, 2, 9], [5, 6, 7, 8], eos, ignore_eos=True)
+  assert not hf_reference.same_tokens([5, 6, 2, 9], [5, 7, 7, 8], eos, ignore_eos=True)
+  assert hf_reference.same_tokens([5, 6], [5, 6], eos, ignore_eos=False)
+  assert not hf_reference.same_tokens([5, 6, 2], [5, 6, 7], eos, ignore_eos=False)
+  assert hf_reference.compared_length([5, 6, 2, 9], [5, 6, 7, 8], eos, ignore_eos=True) == 2
+  assert hf_reference.compared_length([5, 6, 7], [5, 6, 7], eos, ignore_eos=True) == 3
 
 
 def test_check_ties_separates_near_ties_from_real_divergences(monkeypatch):
@@ -246,10 +262,10 @@ def test_check_ties_separates_near_ties_from_real_divergences(monkeypatch):
     ar.append(int(logits.argmax()))
   logits = np.asarray(model_lib.forward(params, cfg, jax.numpy.array([prompt + ar[:2]]))[0][0, -1])
   worst = int(logits.argmin())
-  work = bench.Workload(cfg=cfg, params=params, prompt_ids=[prompt], eos_ids=[0], stop_ids=[-1],
+  work = workload.Workload(cfg=cfg, params=params, prompt_ids=[prompt], eos_ids=[0], stop_ids=[-1],
                         pad_id=0, max_new_tokens=4, repeats=1, ignore_eos=True)
-  assert bench.check_ties(work, [prompt], [ar], [ar]) == (0, 0)
+  assert ties.check_ties(work, [prompt], [ar], [ar]) == (0, 0)
   wrong = ar[:2] + [worst, 5]
-  assert bench.check_ties(work, [prompt], [ar], [wrong]) == (0, 1)
-  monkeypatch.setitem(bench.TIE_EPS, "float32", 1e9)  # every margin is "within eps" now
-  assert bench.check_ties(work, [prompt], [ar], [wrong]) == (1, 0)
+  assert ties.check_ties(work, [prompt], [ar], [wrong]) == (0, 1)
+  monkeypatch.setitem(ties.TIE_EPS, "float32", 1e9)  # every margin is "within eps" now
+  assert ties.check_ties(work, [prompt], [ar], [wrong]) == (1, 0)

@@ -1,16 +1,30 @@
-"""decode.py: bad flags give a one-line UsageError; a plain --prompt answers."""
+"""decode.py: bad flags give a one-line UsageError; a plain --prompt answers.
+
+Every `python decode.py ...` of this module runs in one interpreter
+(`cli_runner`, as a fresh process would: same exit code, stdout and stderr),
+which loads SmolLM2 once instead of once per call.
+"""
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
+from cli_runner import CliRunner
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+_runner: list[CliRunner] = []  # started on first use, closed with the module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_runner():
+  yield
+  while _runner:
+    _runner.pop().close()
 
 
 def _decode(*args, timeout=300):
-  return subprocess.run([sys.executable, str(ROOT / "decode.py"), *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout)
+  if not _runner or not _runner[0].alive:  # a call that timed out killed it
+    _runner[:] = [CliRunner(ROOT / "decode.py")]
+  return _runner[0].run(*args, timeout=timeout)
 
 
 @pytest.mark.parametrize("args, reason", [
@@ -61,14 +75,14 @@ def test_prompt_alone_answers_with_real_text():
 
 
 @pytest.fixture(scope="module")
-def drafters(tmp_path_factory):
+def drafters(tmp_path_factory, smollm2):
   """A random drafter exported for SmolLM2, and one exported for another target."""
   import dataclasses
 
   import jax
 
-  from flexdraft_jax import checkpoint, drafter, resources, weights
-  cfg, params = weights.load_model(resources.SMOLLM2_NAME, dtype="float32")
+  from flexdraft_jax import checkpoint, drafter
+  cfg, params = smollm2
   dcfg = drafter.DrafterConfig(num_draft_layers=2, block_size=4, calib_rank=8)
   draft = jax.device_get(drafter.init_draft(cfg, dcfg, params, jax.random.key(0)))
   root = tmp_path_factory.mktemp("drafters")
@@ -94,16 +108,26 @@ def test_drafter_flags(drafters):
   assert r.returncode != 0 and "needs a cost table" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_cost_table_drives_flex(drafters, tmp_path):
-  """A table that makes parallel steps expensive turns flex sequential at batch 1."""
-  import json
+def test_cost_table_drives_flex(drafters, tmp_path, smollm2):
+  """A table that makes every kind but sequential expensive turns flex sequential at
+  batch 1; a table measured for another drafter is refused in one line."""
+  import numpy as np
 
-  from flexdraft_jax import engine, flex, prompts
+  from flexdraft_jax import cost_cache, engine, flex, planner, prompts
   widths = flex.verify_buckets(4)
-  flex.save_costs(tmp_path / "costs.json", {1: [[100.0] * len(widths), [1.0] * len(widths)]},
-                  {"parallel": 1.0, "sequential": 1.0}, block_size=4)
-  e = engine.Engine("smollm2-135m-instruct", dtype="float32", drafter=str(drafters / "ok"),
-                    costs=str(tmp_path / "costs.json"))
+  e = engine.Engine("smollm2-135m-instruct", target=smollm2, drafter=str(drafters / "ok"),
+                    costs="none")  # target: the session's f32 SmolLM2, not loaded again
+  ms = np.full((len(planner.KINDS), len(widths)), 100.0)
+  ms[planner.SEQUENTIAL] = 1.0
+  counts = {"tried": np.zeros((3, 4, planner.NUM_BINS)), "hit": np.zeros((3, 4, planner.NUM_BINS))}
+  path = tmp_path / "costs.json"
+  planner.save_json(path, planner.table_to_json({1: ms}, counts, widths, e.setup_key))
+  other = tmp_path / "other.json"
+  planner.save_json(other, planner.table_to_json({1: ms}, counts, widths,
+                                                 dict(e.setup_key, drafter="0123")))
+  with pytest.raises(planner.CostTableError, match="another setup: drafter"):
+    e.load_costs(other)
+  e.load_costs(path)
   ps = prompts.mtbench(1)
   ar, _ = e.generate(ps, max_new_tokens=8, batch_size=1)
   out, stats = e.generate(ps, max_new_tokens=8, batch_size=1, flex=flex.FlexConfig(mode="flex"))
@@ -116,5 +140,9 @@ def test_prefill_that_cannot_fit_is_a_clear_error(monkeypatch):
   from flexdraft_jax import engine
   e = engine.Engine("smollm2-135m-instruct", dtype="float32")
   monkeypatch.setattr(engine, "available_memory", lambda: 2**28)
-  with pytest.raises(ValueError, match=r"padded to 2944 tokens at batch 2 need about 1.2 GiB"):
+  # Chunked prefill: the KV cache (2 x 30 layers x 2 rows x 3 kv heads x 2944 x 64 x f32 =
+  # 0.25 GiB) plus one 256-token chunk's scores and MLP activations, no [W, W] term.
+  with pytest.raises(ValueError, match=r"padded to 2944 tokens at batch 2 need about 0.3 GiB to "
+                                       r"prefill \(0.3 GiB of KV cache, 22 MiB per 256-token "
+                                       r"chunk\).* lower --prefill_chunk or --batch_size"):
     e.generate(["word " * 2900] * 2, max_new_tokens=4, batch_size=2)

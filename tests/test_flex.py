@@ -18,6 +18,7 @@ from scipy import stats as scipy_stats
 
 from flexdraft_jax import drafter
 from flexdraft_jax import flex
+from flexdraft_jax import planner
 from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
 from flexdraft_jax.model_config import ModelConfig
@@ -26,6 +27,7 @@ from flexdraft_jax.sampling import SamplingConfig, probabilities
 from conftest import random_params
 
 BUCKET = 16
+INF = np.inf
 M = 14                  # max_new_tokens of the tiny greedy runs
 DCFG = drafter.DrafterConfig(num_draft_layers=1, block_size=4, calib_rank=8)
 # A divergence from AR greedy is a near tie, not a failure, when the AR logits' top-2
@@ -56,6 +58,17 @@ def decoding(target, draft, unroll=None):
   unroll = jax.default_backend() == "cpu" if unroll is None else unroll
   return {"target": model_lib.decoding_params(target, unroll),
           "draft": drafter.decoding_draft(draft, unroll)}
+
+
+def table(block_size, *, ar=INF, pld=INF, parallel=INF, sequential=INF, acceptance=None):
+  """A crafted planner.CostTable: ms per step of each kind (a number: every width; a list:
+  per verify width), acceptance: raw confidences by default."""
+  n = len(flex.verify_buckets(block_size))
+  row = lambda v: list(v) if np.ndim(v) else [v] * n
+  ms = [[ar] + [INF] * (n - 1), [INF] + row(pld)[1:], row(parallel), row(sequential)]
+  if acceptance is None:
+    acceptance = planner.AcceptanceModel.from_confidence(block_size)
+  return planner.CostTable.make(ms, acceptance)
 
 
 def capacity(width, fcfg, dcfg=DCFG):
@@ -124,7 +137,7 @@ def case_config(mode, strategy):
                          max_new_tokens=M)
 
 
-USED = {"ar": set(), "parallel": {"parallel"}, "sequential": {"sequential"},
+USED = {"ar": {"ar"}, "parallel": {"parallel"}, "sequential": {"sequential"},
         # flex at batch 8: sequential while more than FLEX_BATCH_THRESHOLD rows are active
         "flex": {"parallel", "sequential"}}
 
@@ -252,34 +265,51 @@ def test_exact_drafter_full_acceptance(bigram, bigram_exe):
   assert streamed == got and cut
 
 
-@pytest.mark.parametrize("tau,used", [((1.0, 1.0), "parallel"), ((1.0, 2.0), "sequential")])
-def test_cost_table_tau_steers_the_loop(bigram, tau, used):
-  """In the loop (flex_generate itself, not compile_flex's static choice), the mode is
-  argmax tau / step cost: parallel is 1.5x cheaper per step, and wins unless sequential
-  commits 2x more per step."""
+def test_planner_picks_ar_when_no_speculation_pays(bigram):
+  """Every speculative step costs 10x an AR step: compile_flex compiles AR alone, and a
+  loop carrying all four kinds (flex_generate) still steps ar every time."""
   cfg, params = bigram
-  n = len(flex.verify_buckets(DCFG.block_size))
-  costs = flex.CostTable.make([[1.0] * n, [1.5] * n], tau)
+  costs = table(DCFG.block_size, ar=1.0, pld=10.0, parallel=10.0, sequential=10.0,
+                acceptance=planner.AcceptanceModel.from_confidence(DCFG.block_size))
+  assert flex.compiled_kinds(BIGRAM_FLEX, 2, DCFG.block_size, costs) == (planner.AR,)
   _, summary = run_flex(cfg, params, [[4, 9, 0], [7, 1]], BIGRAM_FLEX, costs=costs)
-  assert summary["modes"][used] == summary["steps"] > 0
+  assert summary["modes"]["ar"] == summary["steps"] > 0 and summary["tau"] == 1.0
 
 
-def test_cost_table_file_round_trip_and_errors(tmp_path):
-  path = tmp_path / "costs.json"
-  flex.save_costs(path, {1: [[1.0, 2.0, 3.0], [2.0, 2.0, 2.0]]},
-                  {"parallel": 1.4, "sequential": 2.0}, block_size=4)
-  tables = flex.load_costs(path, 4)
-  assert list(tables) == [1]
-  np.testing.assert_allclose(tables[1].rate(), [[1.4, 0.7, 1.4 / 3], [1.0, 1.0, 1.0]], rtol=1e-6)
-  with pytest.raises(ValueError, match="block size 4.*this drafter has block size 16"):
-    flex.load_costs(path, 16)
-  path.write_text('{"1": [[1.0], [2.0]]}')  # the old format: a clear error, no traceback
-  with pytest.raises(ValueError, match="not a cost table"):
-    flex.load_costs(path, 4)
-  flex.save_costs(path, {1: [[1.0, 2.0, 0.0], [2.0, 2.0, 2.0]]},
-                  {"parallel": 1.4, "sequential": 2.0}, block_size=4)
-  with pytest.raises(ValueError, match="must be positive"):
-    flex.load_costs(path, 4)
+def test_planner_speculates_when_it_pays(bigram):
+  """The exact drafter's drafts are confident: parallel at 1.5x an AR step pays, so flex
+  compiles it, and the loop speculates and commits several tokens per step."""
+  cfg, params = bigram
+  costs = table(DCFG.block_size, ar=1.0, pld=9.0, parallel=1.5, sequential=3.0)
+  assert planner.PARALLEL in flex.compiled_kinds(BIGRAM_FLEX, 2, DCFG.block_size, costs)
+  _, summary = run_flex(cfg, params, [[4, 9, 0], [7, 1]], BIGRAM_FLEX, costs=costs)
+  speculative = summary["modes"]["parallel"] + summary["modes"]["sequential"]
+  assert speculative > summary["steps"] / 2 and summary["tau"] > 1.5, summary
+  assert summary["calibration_error"] is not None
+
+
+# Costs under which the planner's choice cycles through the state a step leaves: after
+# sequential an ar step, after ar a parallel step (or pld where lookups matched), after
+# parallel a sequential one (raw-confidence acceptance, stationary 1/2).
+MIXING = dict(ar=0.7, pld=1.3, parallel=1.2, sequential=1.25)
+
+
+def test_all_four_kinds_mixed_are_lossless(greedy_setup):
+  """A crafted table makes one loop switch kinds step by step (llama and qwen3, batches
+  1/3/8, stops inside blocks, max_new_tokens mid-block): tokens equal AR's. Each run
+  mixes at least three kinds; pld needs lookups that match, so all four are asserted
+  over the runs."""
+  costs = table(DCFG.block_size, **MIXING)
+  fcfg = case_config("flex", "cumulative_product")  # flex_generate with a table: all kinds
+  used = {}
+  for family, batch in itertools.product(("llama", "qwen3"), (1, 3, 8)):
+    cfg, params, prompts, ar, stops = greedy_setup[family]
+    got, summary = run_flex(cfg, params, prompts[:batch], fcfg, stops[:batch], costs=costs)
+    want = [r[:r.index(s[0]) + 1] if s[0] in r else r for r, s in zip(ar, stops[:batch])]
+    near_ties(cfg, params["target"], prompts[:batch], want, got)
+    used[family, batch] = {k for k, n in summary["modes"].items() if n}
+    assert len(used[family, batch]) >= 3, summary["modes"]
+  assert set().union(*used.values()) == set(planner.KINDS), used
 
 
 def test_cache_is_not_copied(bigram, bigram_exe):
@@ -352,7 +382,9 @@ def sample_counts(cfg, params, fcfg, costs=None, broken=False, k=3):
 
 @functools.cache
 def _vmapped(cfg, fcfg, broken):
-  call = functools.partial(flex.flex_generate, cfg=cfg, dcfg=SAMPLE_DCFG, fcfg=fcfg, _broken=broken)
+  kinds = None if fcfg.mode != "flex" else tuple(range(len(planner.KINDS)))
+  call = functools.partial(flex.flex_generate, cfg=cfg, dcfg=SAMPLE_DCFG, fcfg=fcfg, kinds=kinds,
+                           _broken=broken)
   return jax.jit(jax.vmap(call, in_axes=(None, 0, None, None, None, 0, None)))
 
 
@@ -375,22 +407,27 @@ def pair_pvalues(counts, law):
 
 T1 = SamplingConfig(temperature=1.0)
 # Step costs [mode, verify width] growing with the width, so widths vary with confidence.
-COSTS = {"parallel": flex.CostTable.make([[1.0, 1.5], [5.0, 5.0]]),
-         "sequential": flex.CostTable.make([[5.0, 5.0], [1.0, 1.2]])}
+COSTS = {"parallel": table(2, ar=5.0, parallel=[1.0, 1.5], sequential=5.0),
+         "sequential": table(2, ar=5.0, parallel=5.0, sequential=[1.0, 1.2]),
+         # ar after sequential, parallel after ar, sequential after unconfident parallel
+         "mixed": table(2, ar=1.0, pld=1.3, parallel=1.2, sequential=1.25)}
 
 
-@pytest.mark.parametrize("favoured", ["parallel", "sequential"])
+@pytest.mark.parametrize("favoured", ["parallel", "sequential", "mixed"])
 def test_speculative_sampling_law(small, favoured):
-  """First 3 tokens of 20480 rows (T=1) vs the exact law; 'flex' with expected_throughput
-  picks the mode and verify width per step from the cost table (a traced argument)."""
+  """First 3 tokens of 20480 rows (T=1) vs the exact law; 'flex' picks the kind and verify
+  width per step from the cost table (a traced argument). 'mixed' switches kinds."""
   cfg, target, params = small
   fcfg = flex.FlexConfig(mode="flex", verify_strategy="expected_throughput", max_new_tokens=3,
                          sampling=T1)
   counts, st = sample_counts(cfg, params, fcfg, COSTS[favoured])
   assert min(pair_pvalues(counts, exact_law(cfg, target, T1))) > 1e-4
-  other = 1 - ("parallel", "sequential").index(favoured)
-  assert st.modes[other] == 0 and st.modes[1 - other] > 0
-  assert (st.verify_hist > 0).sum() > 1, st.verify_hist  # more than one width was chosen
+  used = {k for k, n in zip(planner.KINDS, st.modes) if n}
+  if favoured == "mixed":
+    assert len(used) >= 3, st.modes
+  else:
+    assert used == {favoured}, st.modes
+    assert (st.verify_hist > 0).sum() > 1, st.verify_hist  # more than one width was chosen
 
 
 def test_speculative_sampling_law_top_p(small):
@@ -431,20 +468,20 @@ def test_no_recompiles(greedy_setup):
   assert flex.flex_generate._cache_size() == size
 
 
-def test_static_mode_compiles_one_mode_only_when_no_step_could_differ():
-  f = flex.FlexConfig(mode="flex")
-  assert flex.static_mode(flex.FlexConfig(mode="sequential"), 1) == "sequential"
-  assert [flex.static_mode(f, b) for b in (1, flex.FLEX_BATCH_THRESHOLD, 3)] == [
-      "parallel", "parallel", "flex"]  # no table: the active count decides, and it can drop
-  table = flex.CostTable.make
-  cheap_par = np.array([[1.0, 2.0, 3.0], [1.0, 2.5, 3.5]])  # ties go to parallel, as in plan()
-  assert flex.static_mode(f, 8, table(cheap_par)) == "parallel"
-  assert flex.static_mode(f, 8, table(cheap_par[::-1] + [[0.5], [0.0]])) == "sequential"
-  assert flex.static_mode(f, 8, table([[1.0, 3.0], [2.0, 2.0]])) == "flex"  # width decides
-  # Each mode's tau weighs in: parallel is cheaper per step everywhere, but sequential
-  # commits enough more per step to be faster at every width.
-  assert flex.static_mode(f, 8, table(cheap_par, tau=(1.0, 2.0))) == "sequential"
-  assert flex.static_mode(f, 8, table(cheap_par, tau=(1.0, 1.2))) == "flex"  # 1.2/2.5 < 1/2
+def test_compiled_kinds_drop_what_cannot_win():
+  f, bs = flex.FlexConfig(mode="flex"), 4
+  assert flex.compiled_kinds(flex.FlexConfig(mode="sequential"), 1, bs) == (planner.SEQUENTIAL,)
+  assert flex.compiled_kinds(flex.FlexConfig(mode="pld"), 1, bs) == (planner.AR, planner.PLD)
+  no_table = [flex.compiled_kinds(f, b, bs) for b in (1, flex.FLEX_BATCH_THRESHOLD, 3)]
+  assert no_table == [(planner.PARALLEL,)] * 2 + [flex.DRAFTED]  # the active count decides
+  # Stationary acceptance 1/2 (a certain bonus, then 1/2, 1/4, ...): a width-4 parallel
+  # step commits 1.875 tokens; at 1.5x an AR step it wins, at 3x it cannot.
+  assert flex.compiled_kinds(f, 8, bs, table(bs, ar=1.0, parallel=1.5)) == (planner.PARALLEL,)
+  assert flex.compiled_kinds(f, 8, bs, table(bs, ar=1.0, parallel=3.0)) == (planner.AR,)
+  # Parallel 4% faster than ar: noise, not worth a branch (planner.MARGIN).
+  assert flex.compiled_kinds(f, 8, bs, table(bs, ar=1.0, parallel=1.875 / 1.04)) == (planner.AR,)
+  close = flex.compiled_kinds(f, 8, bs, table(bs, ar=1.0, parallel=1.875 / 1.105, sequential=9.0))
+  assert close == (planner.AR, planner.PARALLEL)  # ar within planner.KEEP: both can win steps
 
 
 # ----------------------------------------------------------------------------
@@ -505,8 +542,8 @@ def test_smollm2_greedy_lossless(smol, favoured):
   """Batch 4, 'flex' steered by the (traced) cost table: one program, both modes."""
   cfg, params, prompts, ar = smol
   fcfg = flex.FlexConfig(mode="flex", verify_strategy="full", max_new_tokens=SMOL_NEW)
-  step_ms = np.array([[1.0] * 3, [2.0] * 3], np.float32)
-  costs = flex.CostTable.make(step_ms if favoured == "parallel" else step_ms[::-1])
+  cheap, dear = (1.0, 2.0) if favoured == "parallel" else (2.0, 1.0)
+  costs = table(SMOL_DCFG.block_size, ar=9.0, pld=9.0, parallel=cheap, sequential=dear)
   got, summary = run_flex(cfg, params, prompts, fcfg, (SMOLLM2_EOS,), dcfg=SMOL_DCFG, bucket=128,
                           costs=costs)
   near_ties(cfg, params["target"], prompts, ar, got)
@@ -549,9 +586,10 @@ def test_trained_drafter_greedy_lossless(trained):
   and sequential above: both modes run, drafts are really accepted, tokens equal AR's."""
   cfg, dcfg, params, prompts, ar, stops = trained
   n = len(flex.verify_buckets(dcfg.block_size))
-  costs = flex.CostTable.make([[1.0, 1.0, 1.0] + [9.0] * (n - 3), [2.0] * n])
+  costs = table(dcfg.block_size, ar=1.5, pld=9.0, parallel=[1.0, 1.0, 1.0] + [9.0] * (n - 3),
+                sequential=[2.0] * n)
   fcfg = flex.FlexConfig(mode="flex", max_new_tokens=TRAINED_NEW)
-  got, modes, committed, row_steps = [], {"parallel": 0, "sequential": 0}, 0, 0
+  got, modes, committed, row_steps = [], dict.fromkeys(planner.KINDS, 0), 0, 0
   for i in range(0, TRAINED_PROMPTS, TRAINED_BATCH):
     rows = slice(i, i + TRAINED_BATCH)
     stop_ids = [list(s) + [-1] * (2 - len(s)) for s in stops[rows]]
@@ -559,7 +597,7 @@ def test_trained_drafter_greedy_lossless(trained):
     cache = model_lib.KVCache.zeros(cfg, TRAINED_BATCH, capacity(256, fcfg, dcfg))
     tokens, num_new, st, _ = flex.flex_generate(
         params, cache, prompt_BP, lens, np.asarray(stop_ids, np.int32), jax.random.key(0), costs,
-        cfg=cfg, dcfg=dcfg, fcfg=fcfg)
+        cfg=cfg, dcfg=dcfg, fcfg=fcfg, kinds=tuple(range(len(planner.KINDS))))
     got += [np.asarray(tokens)[b, :n_].tolist() for b, n_ in enumerate(np.asarray(num_new))]
     summary = flex.summarize(st)
     modes = {k: modes[k] + summary["modes"][k] for k in modes}
@@ -568,5 +606,5 @@ def test_trained_drafter_greedy_lossless(trained):
   want = [next((r[:j + 1] for j, t in enumerate(r) if t in s), r) for r, s in zip(ar, stops)]
   assert sum(len(w) < TRAINED_NEW for w in want) >= 5, "want rows that stop mid-run"
   near_ties(cfg, params["target"], prompts, want, got)
-  assert modes["parallel"] > 0 and modes["sequential"] > 0, modes
+  assert sum(n > 0 for n in modes.values()) >= 2, modes
   assert committed / row_steps > 1.3  # the trained drafter's drafts are accepted
