@@ -183,7 +183,8 @@ class Engine:
     else:
       fcfg = dataclasses.replace(flex, max_new_tokens=max_new_tokens, sampling=sampling,
                                  prefill_chunk=self.prefill_chunk)
-      costs = self.cost_table(batch)  # measured here on first use: not compile time
+      costs = flex_lib.table_for_mode(fcfg, self.dcfg.block_size,
+                                      self.cost_table(batch))  # measured on first use
       if fcfg.verify_strategy == "expected_throughput" and costs is None:
         raise ValueError(f"verify_strategy 'expected_throughput' needs a cost table with "
                          f"batch size {batch} (bench --calibrate)")

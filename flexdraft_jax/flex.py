@@ -546,6 +546,18 @@ def compiled_kinds(fcfg: FlexConfig, batch: int, block_size: int, costs=None) ->
   return planner.compiled_kinds(costs, widths)
 
 
+def table_for_mode(fcfg: FlexConfig, block_size: int, costs):
+  """`costs` if it can plan this mode's steps, else None (the threshold rules). Flex plans
+  with any table; a fixed mode needs a measured time for each of its widths, which a
+  self-measured table skips when they cannot beat ar (`cost_cache.measure_step_ms`)."""
+  if costs is None or fcfg.mode == "flex":
+    return costs
+  ms = np.asarray(costs.step_ms)
+  ok = all(np.isfinite(ms[k, c]) for k, _, c in branches(fcfg, block_size,
+                                                          planner.mode_kinds(fcfg.mode)))
+  return costs if ok else None
+
+
 def compile_flex(params, cfg: ModelConfig, dcfg: drafter.DrafterConfig, batch: int, width: int,
                  capacity: int, num_stop_ids: int, *, fcfg: FlexConfig, costs=None, on_commit=None,
                  mesh=None, kinds=None):

@@ -48,6 +48,7 @@ def _decode(*args, timeout=300):
     (["--prompt=a", "--drafter=/no/such/drafter"], "does not exist"),
     (["--prompt=a", "--max_prompt_tokens=64"], "needs --prompts_file"),
     (["--prompts_file=mtbench", "--max_prompt_tokens=5"], "no prompt of mtbench has at most 5"),
+    (["--prompt=a", "--costs=/no/such/costs.json"], "--costs=/no/such/costs.json does not exist"),
 ])
 def test_bad_flags_are_usage_errors(args, reason):
   r = _decode(*args)
@@ -65,13 +66,16 @@ def test_malformed_prompts_file(tmp_path):
 
 
 def test_prompt_alone_answers_with_real_text():
-  """No flags: flex with the shipped drafter, and --compare_ar checks it against AR."""
-  r = _decode("--prompt=What is the capital of France?", "--max_new_tokens=12", "--compare_ar")
+  """No flags: flex with the shipped drafter (its cost table measured on first use, in the
+  session's cache dir), and --compare_ar checks it against AR."""
+  r = _decode("--prompt=What is the capital of France?", "--max_new_tokens=12", "--compare_ar",
+              timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Paris" in r.stdout
   assert "[flex |" in r.stderr and "tok/s (compile excluded)" in r.stderr
   assert "speedup over AR" in r.stderr
   assert "greedy tokens identical to AR in 1/1 prompts" in r.stderr, r.stderr[-2000:]
+  assert "measuring flex step costs at batch 1" in r.stderr and "[planner: steps by kind:" in r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -482,6 +482,12 @@ def test_compiled_kinds_drop_what_cannot_win():
   assert flex.compiled_kinds(f, 8, bs, table(bs, ar=1.0, parallel=1.875 / 1.04)) == (planner.AR,)
   close = flex.compiled_kinds(f, 8, bs, table(bs, ar=1.0, parallel=1.875 / 1.105, sequential=9.0))
   assert close == (planner.AR, planner.PARALLEL)  # ar within planner.KEEP: both can win steps
+  # A self-measured table skips widths that cannot pay: a fixed mode then plans without it.
+  partial = table(bs, ar=1.0, parallel=[3.0, INF, INF], sequential=4.0)
+  par, seq = flex.FlexConfig(mode="parallel"), flex.FlexConfig(mode="sequential")
+  assert flex.table_for_mode(par, bs, partial) is None
+  assert flex.table_for_mode(seq, bs, partial) is partial
+  assert flex.table_for_mode(f, bs, partial) is partial
 
 
 # ----------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def run_flex(work: Workload, groups: Groups, *, mode: str) -> ModeResult:
   fcfg = flex_lib.FlexConfig(mode=mode, verify_strategy=work.verify_strategy, max_new_tokens=m)
   params = {"target": work.params, "draft": work.draft}
   result, compiled, stats = ModeResult(groups=[]), {}, []
-  costs = work.cost_table(len(groups[0])) if mode != "pld" else None
+  costs = flex_lib.table_for_mode(fcfg, bs, work.cost_table(len(groups[0])))
   if mode == "flex" and costs is None:
     logging.warning("flex: no cost table for batch size %d; falling back to the active-row "
                     "threshold", len(groups[0]))
