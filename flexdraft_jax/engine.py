@@ -123,8 +123,11 @@ class Engine:
       meta, draft = checkpoint.load_drafter(drafter, dataclasses.asdict(self.cfg), fingerprint,
                                             dtype=self.cfg.param_dtype)
       self.dcfg = drafter_lib.DrafterConfig(**meta).validate(self.cfg)
-      self.draft = drafter_lib.decoding_draft(draft, unroll_layers)
-    self.params = model_lib.decoding_params(params, unroll_layers)
+      self.draft = drafter_lib.decoding_draft(draft, unroll_layers,
+                                              pack=False if self.mesh is not None else None)
+    # Sharded decoding keeps the dense layouts (the CPU kernel's packed panels replicate).
+    self.params = model_lib.decoding_params(params, unroll_layers,
+                                            pack=False if self.mesh is not None else None)
     if self.mesh is not None:  # placed once, as the executables expect them
       both = {"target": self.params, "draft": self.draft}
       both = jax.device_put(both, sharding_lib.param_shardings(both, self.mesh))

@@ -69,8 +69,8 @@ def rows(tokens, num_new):
 
 def decode_on_meshes(meshes):
   target = random_params(CFG, seed=0)
-  params = {"target": model.decoding_params(target),
-            "draft": drafter.decoding_draft(noisy_draft(CFG, target), True)}
+  params = {"target": model.decoding_params(target, pack=False),  # sharded: dense layouts
+            "draft": drafter.decoding_draft(noisy_draft(CFG, target), True, pack=False)}
   rng = np.random.RandomState(5)
   prompt_bp, lens = generate.pad_prompts(
       [rng.randint(0, CFG.vocab_size, n).tolist() for n in (5, 1, 9, 16, 3, 12, 7, 2)], BUCKET)

@@ -122,7 +122,7 @@ def test_cost_table_drives_flex(drafters, tmp_path, smollm2):
   e = engine.Engine("smollm2-135m-instruct", target=smollm2, drafter=str(drafters / "ok"),
                     costs="none")  # target: the session's f32 SmolLM2, not loaded again
   ms = np.full((len(planner.KINDS), len(widths)), 100.0)
-  ms[planner.SEQUENTIAL] = 1.0
+  ms[planner.AR], ms[planner.SEQUENTIAL] = 1.0, 1.2  # a step never costs less than ar's
   counts = {"tried": np.zeros((3, 4, planner.NUM_BINS)), "hit": np.zeros((3, 4, planner.NUM_BINS))}
   path = tmp_path / "costs.json"
   planner.save_json(path, planner.table_to_json({1: ms}, counts, widths, e.setup_key))

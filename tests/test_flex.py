@@ -320,8 +320,20 @@ def test_cache_is_not_copied(bigram, bigram_exe):
   cache = jax.eval_shape(lambda: model_lib.KVCache.zeros(cfg, 4, capacity(BUCKET, BIGRAM_FLEX)))
   dims = ",".join(map(str, cache.k.shape))
   copy = re.compile(rf"\s*(ROOT )?%\S+ = f32\[{dims}\]\S* copy\(")
-  copies = [line for line in text.splitlines() if copy.match(line)]
-  assert "dynamic-update-slice" in text and not copies, copies
+  bodies, name = {}, None  # computation -> its lines
+  for line in text.splitlines():
+    head = re.match(r"^(ENTRY )?(%\S+) ", line)
+    if head:
+      name = head.group(2)
+    bodies.setdefault(name, []).append(line)
+  copied = {n: [l for l in lines if copy.match(l)] for n, lines in bodies.items()}
+  copied = {n: c for n, c in copied.items() if c}
+  # The chunked prefill's loop (once per prompt chunk, not per step) copies k and v twice
+  # on XLA:CPU, as generate's does (test_cache_copies); the step loop (the computation
+  # with the switch) copies nothing.
+  assert "dynamic-update-slice" in text and len(copied) <= 1, copied
+  for n, c in copied.items():
+    assert len(c) <= 4 and not any("conditional(" in l for l in bodies[n]), (n, c)
 
 
 # ----------------------------------------------------------------------------
@@ -588,11 +600,12 @@ def trained(smollm2, smollm2_tokenizer):
 
 
 def test_trained_drafter_greedy_lossless(trained):
-  """Batches of 10, 'flex' with a table that makes parallel faster at verify widths <= 4
-  and sequential above: both modes run, drafts are really accepted, tokens equal AR's."""
+  """Batches of 10, 'flex' carrying all four kinds, with a table where parallel up to
+  width 4 costs a little more than ar: the planner switches between them as the drafts'
+  confidence goes, drafts are really accepted, tokens equal AR's."""
   cfg, dcfg, params, prompts, ar, stops = trained
   n = len(flex.verify_buckets(dcfg.block_size))
-  costs = table(dcfg.block_size, ar=1.5, pld=9.0, parallel=[1.0, 1.0, 1.0] + [9.0] * (n - 3),
+  costs = table(dcfg.block_size, ar=1.0, pld=9.0, parallel=[1.2, 1.3, 1.4] + [9.0] * (n - 3),
                 sequential=[2.0] * n)
   fcfg = flex.FlexConfig(mode="flex", max_new_tokens=TRAINED_NEW)
   got, modes, committed, row_steps = [], dict.fromkeys(planner.KINDS, 0), 0, 0
@@ -613,4 +626,4 @@ def test_trained_drafter_greedy_lossless(trained):
   assert sum(len(w) < TRAINED_NEW for w in want) >= 5, "want rows that stop mid-run"
   near_ties(cfg, params["target"], prompts, want, got)
   assert sum(n > 0 for n in modes.values()) >= 2, modes
-  assert committed / row_steps > 1.3  # the trained drafter's drafts are accepted
+  assert committed / row_steps > 1.2  # drafts are accepted (ar steps commit exactly one)

@@ -189,4 +189,6 @@ def run(opts: Options) -> dict[str, Any]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if options_lib.compilation_cache():
+    cost_cache.enable_compilation_cache()
   run(options_lib.options_from_flags())

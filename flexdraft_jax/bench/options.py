@@ -40,6 +40,9 @@ _CALIBRATE = flags.DEFINE_bool("calibrate", False, "Only measure the flex planne
 _SAVE_ACCEPTANCE = flags.DEFINE_bool(
     "save_acceptance", False, "With --calibrate: also write acceptance.json into the drafter "
     "folder, where decode.py's measured cost tables (--costs=auto) read it.")
+_COMPILE_CACHE = flags.DEFINE_bool(
+    "compilation_cache", True, "Keep compiled programs in the persistent XLA cache "
+    "($XDG_CACHE_HOME/flexdraft_jax/xla); compile times are reported either way.")
 _COSTS = flags.DEFINE_string("costs", "auto", "The speculative modes' cost table: 'auto' = "
                              "measured on first use per batch size and cached (needs the "
                              "drafter's acceptance.json), a costs.json of --calibrate, or "
@@ -129,6 +132,10 @@ def _int_list(name: str, values: Sequence[str]) -> tuple[int, ...]:
   except ValueError:
     raise app.UsageError(f"--{name} must be a comma list of integers, got "
                          f"{','.join(values)}") from None
+
+
+def compilation_cache() -> bool:
+  return _COMPILE_CACHE.value
 
 
 def options_from_flags() -> Options:
