@@ -31,7 +31,9 @@ def _main(*argv: str) -> None:
   """Runs `driver.main` as `python -m flexdraft_jax.bench *argv` would, flags restored after."""
   with flagsaver.flagsaver():
     flags.FLAGS.unparse_flags()
-    flags.FLAGS(["bench", *argv])
+    # In-process: no persistent XLA cache (it would stay on for the rest of the session,
+    # and a cache write has crashed the suite; see conftest).
+    flags.FLAGS(["bench", "--nocompilation_cache", *argv])
     driver.main(["bench"])
 
 
