@@ -246,8 +246,6 @@ def tables_from_json(raw: dict[str, Any], widths: tuple[int, ...], key: dict[str
     unfin = lambda row: [math.inf if x is None else float(x) for x in row]
     tables = {int(b): CostTable.make([unfin(r) for r in t], acc)
               for b, t in raw["step_ms"].items()}
-    tables = {b: t.replace(step_ms=monotone_costs(t.step_ms)) if t.step_ms.shape[0] > AR
-              and np.isfinite(t.step_ms[AR, 0]) else t for b, t in tables.items()}
   except CostTableError:
     raise
   except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -262,7 +260,7 @@ def tables_from_json(raw: dict[str, Any], widths: tuple[int, ...], key: dict[str
                            f"(3, {bs}, {NUM_BINS})")
     if not np.all(t.step_ms > 0) or not np.isfinite(t.step_ms[AR, 0]):
       raise CostTableError(f"{where}: batch {b}: step times must be positive and ar's measured")
-  return tables
+  return {b: t.replace(step_ms=monotone_costs(t.step_ms)) for b, t in tables.items()}
 
 
 def load_tables(path, widths: tuple[int, ...], key: dict[str, Any] | None = None):
