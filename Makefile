@@ -25,8 +25,14 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-test.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# Two processes: a single-process run of the whole suite segfaulted twice inside XLA's
+# compile (backend_compile_and_load) at tests/test_prefill.py, a test that passes in a
+# fresh process; the cause is not found (the kernel is clean under ASan). Every test still runs.
+TESTS_B := tests/test_prefill.py tests/test_prompts.py tests/test_tokenizer.py \
+  tests/test_training.py tests/test_weights_errors.py tests/test_weights_sharded.py
 test: $(STAMP) $(KERNEL)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 tests $(addprefix --ignore=,$(TESTS_B))
+	$(PY) -m pytest -q --durations=15 $(TESTS_B)
 
 demo: $(STAMP) $(KERNEL)
 	$(PY) decode.py --prompts_file=mtbench --num_prompts=3 --batch_size=1 --max_new_tokens=128 \
