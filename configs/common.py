@@ -14,6 +14,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = ""                  # '' = f32 on CPU, bf16 on accelerators
   c.random_model = ml_collections.ConfigDict()  # ModelConfig fields for model='random'
   c.drafter = ml_collections.ConfigDict(dict(num_draft_layers=6, block_size=16, calib_rank=256))
+  # '' = a fresh drafter; an exported drafter folder (e.g. drafters/smollm2-135m-instruct) to
+  # fine-tune from: its params, checked against this target and config.drafter; a fresh optimizer.
+  c.init_from = ""
 
   c.data = ml_collections.ConfigDict(dict(
       train_dir="",             # '' = <workdir>/data/train

@@ -125,6 +125,15 @@ def _check_paths(config, mode: str) -> None:
                         "train.py --mode=generate, or set data.generate_if_missing=True)")
 
 
+def _check_init_from(config, mode: str) -> None:
+  path = _get(config, "init_from")
+  if not isinstance(path, str):
+    raise ConfigError(f"config.init_from must be an exported drafter folder or '', got {path!r}")
+  if path and mode == "train" and not (pathlib.Path(path) / "drafter.json").is_file():
+    raise ConfigError(f"config.init_from={path!r} is not an exported drafter (no drafter.json "
+                      "in it; train.py writes one to <workdir>/drafter)")
+
+
 def validate(config, mode: str = "train") -> None:
   """ConfigError for the first field out of range (see the module docstring)."""
   if mode not in MODES:
@@ -163,6 +172,7 @@ def validate(config, mode: str = "train") -> None:
     raise ConfigError(f"config.batch_size={config.batch_size} must be a multiple of data*fsdp="
                       f"{shape[0] * shape[1]} of config.mesh={config.mesh!r}")
   _check_paths(config, mode)
+  _check_init_from(config, mode)
 
 
 def check_devices(config, num_devices: int) -> None:

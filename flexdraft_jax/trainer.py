@@ -11,6 +11,7 @@ all of them; stopping (SIGTERM, time limit) is agreed each step (`any_process`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pathlib
@@ -420,6 +421,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   est = check_memory(config, cfg, dcfg, mesh.devices.shape)
   fingerprint = ckpt_lib.target_fingerprint(target_arch(cfg), target)
 
+  if config.get("init_from"):  # a resumed run restores over it
+    draft = init_from_export(config.init_from, cfg, dcfg, fingerprint, jax.eval_shape(
+        functools.partial(drafter_lib.init_draft, cfg, dcfg), target, jax.random.key(0)))
+  else:
+    draft = jax.jit(drafter_lib.init_draft, static_argnums=(0, 1))(
+        cfg, dcfg, target, jax.random.key(config.seed + 1))
   train_dir, heldout_dir = data_dirs(config, workdir)
   if config.data.generate_if_missing:
     generate_data(config, workdir, (cfg, target), fingerprint)
@@ -430,8 +437,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
           f"--config=<this config> --workdir={workdir}")
     _check_dataset(path, fingerprint, config)
 
-  draft = jax.jit(drafter_lib.init_draft, static_argnums=(0, 1))(cfg, dcfg, target,
-                                                                 jax.random.key(config.seed + 1))
   tx = training.make_optimizer(ocfg, {"target": target, "draft": draft})
   state = training.init_state(tx, target, draft)
   it = _iterator(config, train_dir, dcfg, seed=config.seed, mesh=mesh)
@@ -502,6 +507,30 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     path = export(config, workdir, draft, cfg, dcfg, fingerprint)
     print(f"exported drafter to {path}", file=sys.stderr)
   return last
+
+
+def init_from_export(path, cfg: ModelConfig, dcfg: DrafterConfig, fingerprint: str,
+                     like: dict) -> dict:
+  """The params of the exported drafter in `path`, as the dtypes of `like` (a fresh draft's
+  shapes and dtypes: f32 master weights).
+
+  DrafterMismatchError when it was trained for another target (`checkpoint.load_drafter`,
+  the check `decode.py` makes) or with another drafter config or param tree than `dcfg`.
+  """
+  meta, loaded = ckpt_lib.load_drafter(path, target_arch(cfg), fingerprint)
+  ours = dcfg.to_dict()
+  diffs = [f"{k}={meta.get(k)!r}, this config has {v!r}" for k, v in ours.items()
+           if meta.get(k) != v]
+  if diffs:
+    raise ckpt_lib.DrafterMismatchError(f"config.init_from={path}: the drafter was trained with "
+                                        f"another drafter config: {'; '.join(diffs)}")
+  shapes = lambda tree: {sharding_lib.path_str(p): tuple(x.shape)
+                         for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  if shapes(loaded) != shapes(like):
+    missing = sorted(set(shapes(like).items()) ^ set(shapes(loaded).items()))
+    raise ckpt_lib.DrafterMismatchError(f"config.init_from={path}: its params differ from this "
+                                        f"drafter's ({missing[0][0]} {missing[0][1]} ...)")
+  return jax.tree.map(lambda x, ref: jnp.asarray(x, ref.dtype), loaded, like)
 
 
 def export(config, workdir, draft, cfg: ModelConfig, dcfg: DrafterConfig, fingerprint: str):

@@ -232,6 +232,43 @@ def test_time_limit_stops_cleanly_with_a_checkpoint_and_an_export(tiny_data, tmp
   assert _saved(tmp_path)[0] == 2
 
 
+def test_init_from_loads_the_export_and_refuses_mismatches(tiny_data, tmp_path):
+  """init_from: the exported params are what training starts from; mismatches are one line."""
+  from safetensors.numpy import load_file
+  from flexdraft_jax import train_config
+  trainer.run(_tiny_config(tiny_data, num_steps=2), tmp_path / "a")
+  export = tmp_path / "a" / "drafter"
+  c = _tiny_config(tiny_data, init_from=str(export))
+  cfg, target = trainer.load_target(c)
+  dcfg = trainer.drafter_config(c, cfg)
+  fp = ckpt_lib.target_fingerprint(trainer.target_arch(cfg), target)
+  fresh = drafter.init_draft(cfg, dcfg, target, jax.random.key(7))
+  loaded = trainer.init_from_export(export, cfg, dcfg, fp, fresh)
+  saved = load_file(export / "drafter.safetensors")
+  flat = {".".join(k.key for k in p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
+  assert flat.keys() == saved.keys()
+  for name, x in flat.items():
+    np.testing.assert_array_equal(x, saved[name], err_msg=name)
+    assert x.dtype == np.float32
+  # A run from it starts there: with a negligible step size the export comes back unchanged.
+  c.optim.learning_rate, c.optim.weight_decay = 1e-12, 0.0
+  trainer.run(c, tmp_path / "b")
+  again = load_file(tmp_path / "b" / "drafter" / "drafter.safetensors")
+  for name in saved:
+    np.testing.assert_allclose(again[name], saved[name], rtol=1e-6, atol=1e-9, err_msg=name)
+
+  other = _tiny_config(tiny_data, init_from=str(export))
+  other.drafter.calib_rank = 8
+  with pytest.raises(ckpt_lib.DrafterMismatchError, match="calib_rank=16, this config has 8"):
+    trainer.run(other, tmp_path / "c")
+  with pytest.raises(ckpt_lib.DrafterMismatchError, match="trained for another target"):
+    trainer.run(_tiny_config(tiny_data, init_from=str(export), seed=5), tmp_path / "d")
+  with pytest.raises(train_config.ConfigError, match="is not an exported drafter"):
+    train_config.validate(_tiny_config(tiny_data, init_from=str(tmp_path)))
+  with pytest.raises(ckpt_lib.DrafterFileError, match="does not exist"):
+    trainer.run(_tiny_config(tiny_data, init_from=str(tmp_path)), tmp_path / "e")
+
+
 def test_workdir_from_another_config_is_refused(tiny_data, tmp_path):
   trainer.run(_tiny_config(tiny_data, num_steps=2), tmp_path)
   other = _tiny_config(tiny_data, num_steps=4, anchors_per_seq=2)
