@@ -28,6 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
       max_response_len=256,
       generate_batch_size=16,
       generate_if_missing=False,  # build the data at the start of training if absent
+      archive="",               # a shipped .npz (data.write_archive): splits whose dir is empty
+                                # are extracted from it before training
   ))
   c.seq_len = 512
   c.batch_size = 4              # global batch (packed rows)

@@ -11,6 +11,9 @@ meta.json atomically; meta.json's `rows` is the commit point. Readers ignore
 anything past it, and a writer cuts it off before appending, so a crash costs
 at most the batch in flight, and rerunning `build_dataset` resumes after it.
 
+`write_archive` / `extract_archive` turn built datasets into one compressed .npz
+(uint16 tokens) and back, so a built dataset can ship with the code.
+
 `make_iterator` reads a dataset with grain: shuffle, pack rows into fixed-width
 sequences, sample anchor positions, batch; its state round-trips exactly.
 """
@@ -153,6 +156,57 @@ class TokenDataset:
     offset, prompt_len, response_len = self._index[i]
     tokens = np.array(self._tokens[offset:offset + prompt_len + response_len], np.int32)
     return {"tokens": tokens, "loss_mask": np.arange(len(tokens)) >= prompt_len}
+
+
+# ----------------------------------------------------------------------------
+# Archives: built datasets in one compressed file, to ship them with the code
+# ----------------------------------------------------------------------------
+def write_archive(path: str | pathlib.Path, dirs: dict[str, str | pathlib.Path]) -> dict:
+  """Writes the committed rows of each `{split: dataset dir}` to one .npz (tokens as uint16).
+
+  Returns `{split: meta}`. DatasetError when a token id does not fit in 16 bits.
+  """
+  arrays, metas = {}, {}
+  for split, directory in dirs.items():
+    ds = TokenDataset(directory)
+    end = int(ds._index.sum(axis=1).max())
+    tokens = np.asarray(ds._tokens[:end])
+    if tokens.min(initial=0) < 0 or tokens.max(initial=0) > np.iinfo(np.uint16).max:
+      raise DatasetError(f"{directory}: token ids outside [0, 65535] do not fit an archive")
+    arrays[f"{split}_tokens"] = tokens.astype("<u2")
+    arrays[f"{split}_index"] = ds._index.astype("<i8")
+    arrays[f"{split}_meta"] = np.frombuffer(json.dumps(ds.meta).encode(), np.uint8)
+    metas[split] = ds.meta
+  tmp = pathlib.Path(f"{path}.tmp.npz")
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, path)
+  return metas
+
+
+def extract_archive(path: str | pathlib.Path, split: str, out_dir: str | pathlib.Path) -> dict:
+  """Writes split `split` of the archive at `path` as a dataset in `out_dir` (which must not
+  hold one yet); meta.json is written last, so a crash leaves nothing committed."""
+  out = pathlib.Path(out_dir)
+  if (out / _META).exists():
+    raise DatasetError(f"{out} already holds a dataset; extract into an empty directory")
+  try:
+    with np.load(path) as archive:
+      if f"{split}_meta" not in archive:
+        raise DatasetError(f"{path} has no {split!r} split (it has "
+                           f"{sorted(k[:-5] for k in archive if k.endswith('_meta'))})")
+      meta = json.loads(archive[f"{split}_meta"].tobytes())
+      tokens, index = archive[f"{split}_tokens"], archive[f"{split}_index"]
+  except (OSError, ValueError) as e:  # missing, truncated or not an npz
+    raise DatasetError(f"{path}: not a dataset archive ({e})") from None
+  out.mkdir(parents=True, exist_ok=True)
+  for name, array in ((_TOKENS, tokens.astype("<i4")), (_INDEX, index.astype("<i8"))):
+    with open(out / name, "wb") as f:
+      f.write(array.tobytes())
+  tmp = out / f"{_META}.tmp"
+  tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+  os.replace(tmp, out / _META)
+  _committed_index(out, meta)  # the same checks as a built dataset
+  return meta
 
 
 # ----------------------------------------------------------------------------

@@ -117,12 +117,21 @@ def _check_paths(config, mode: str) -> None:
     path = _get(config, name)
     if not isinstance(path, str):
       raise ConfigError(f"config.{name} must be a path or '' (the workdir's), got {path!r}")
-    building = mode == "generate" or (mode == "train" and _get(config, "data.generate_if_missing"))
+    building = mode == "generate" or (mode == "train" and (_get(config, "data.generate_if_missing")
+                                                           or _get(config, "data.archive")))
     if path and not building and mode != "memory" and not pathlib.Path(path).is_dir():
       if name == "data.heldout_dir" and not _get(config, "eval_every"):
         continue
       raise ConfigError(f"config.{name}={path!r} does not exist (build it with "
                         "train.py --mode=generate, or set data.generate_if_missing=True)")
+
+
+def _check_archive(config, mode: str) -> None:
+  path = _get(config, "data.archive")
+  if not isinstance(path, str):
+    raise ConfigError(f"config.data.archive must be a .npz path or '', got {path!r}")
+  if path and mode == "train" and not pathlib.Path(path).is_file():
+    raise ConfigError(f"config.data.archive={path!r} does not exist")
 
 
 def _check_init_from(config, mode: str) -> None:
@@ -173,6 +182,7 @@ def validate(config, mode: str = "train") -> None:
                       f"{shape[0] * shape[1]} of config.mesh={config.mesh!r}")
   _check_paths(config, mode)
   _check_init_from(config, mode)
+  _check_archive(config, mode)
 
 
 def check_devices(config, num_devices: int) -> None:

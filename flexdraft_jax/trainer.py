@@ -269,6 +269,19 @@ def generate_data(config, workdir, target=None, fingerprint=None) -> None:
                            progress=jax.process_index() == 0)
 
 
+def extract_data(config, workdir) -> None:
+  """Extracts the splits of config.data.archive (a shipped .npz) whose dataset dir is empty.
+
+  An extracted dataset resumes like a built one: --mode=generate adds prompts after it.
+  """
+  for split, path in zip(("train", "heldout"), data_dirs(config, workdir)):
+    if not (path / "meta.json").exists():
+      meta = data_lib.extract_archive(config.data.archive, split, path)
+      if jax.process_index() == 0:
+        print(f"{path}: {meta['rows']} rows, {meta['tokens']} tokens from {config.data.archive}",
+              file=sys.stderr)
+
+
 def _check_dataset(path: pathlib.Path, fingerprint: str, config) -> None:
   meta = data_lib.TokenDataset(path).meta
   if meta.get("fingerprint") not in (None, fingerprint):
@@ -428,6 +441,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     draft = jax.jit(drafter_lib.init_draft, static_argnums=(0, 1))(
         cfg, dcfg, target, jax.random.key(config.seed + 1))
   train_dir, heldout_dir = data_dirs(config, workdir)
+  if config.data.get("archive"):
+    extract_data(config, workdir)
   if config.data.generate_if_missing:
     generate_data(config, workdir, (cfg, target), fingerprint)
   for path in (train_dir, heldout_dir) if config.eval_every else (train_dir,):

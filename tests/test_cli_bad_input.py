@@ -43,6 +43,8 @@ BAD_FIELDS = [
     ("data.max_response_len", 0, "config.data.max_response_len must be an integer >= 1"),
     ("data.generate_batch_size", 0, "config.data.generate_batch_size must be an integer >= 1"),
     ("data.train_dir", "/no/such/dir", "config.data.train_dir='/no/such/dir' does not exist"),
+    ("data.archive", "/no/such.npz", "config.data.archive='/no/such.npz' does not exist"),
+    ("init_from", "/tmp", "config.init_from='/tmp' is not an exported drafter"),
     ("seq_len", 1, "config.seq_len must be an integer >= 2"),
     ("seq_len", 4, "config.seq_len=4 is below drafter.block_size + 1 = 5"),
     ("batch_size", 0, "config.batch_size must be an integer >= 1, got 0"),

@@ -144,6 +144,37 @@ def _negative_length(path):
   index.tofile(path / "index.bin")
 
 
+def test_archive_round_trip_and_errors(tmp_path):
+  """write_archive / extract_archive: same rows and meta back; a resumed write appends to it."""
+  train, heldout = _synthetic(9), _synthetic(3, seed=1)
+  data.write_rows(tmp_path / "train", train, skipped=1, model="m")
+  data.write_rows(tmp_path / "heldout", heldout, model="m")
+  with open(tmp_path / "train" / "tokens.bin", "ab") as f:  # an uncommitted tail stays out
+    f.write(np.arange(7, dtype="<i4").tobytes())
+  metas = data.write_archive(tmp_path / "a.npz", {"train": tmp_path / "train",
+                                                  "heldout": tmp_path / "heldout"})
+  with np.load(tmp_path / "a.npz") as archive:
+    assert archive["train_tokens"].dtype == np.uint16
+  for split, rows in (("train", train), ("heldout", heldout)):
+    meta = data.extract_archive(tmp_path / "a.npz", split, tmp_path / "x" / split)
+    assert meta == metas[split] == data.TokenDataset(tmp_path / split).meta
+    _check_rows(data.TokenDataset(tmp_path / "x" / split), rows)
+  more = _synthetic(2, seed=2)
+  assert data.write_rows(tmp_path / "x" / "train", more, model="m")["prompts_done"] == 12
+  _check_rows(data.TokenDataset(tmp_path / "x" / "train"), train + more)
+
+  with pytest.raises(data.DatasetError, match="already holds a dataset"):
+    data.extract_archive(tmp_path / "a.npz", "train", tmp_path / "x" / "train")
+  with pytest.raises(data.DatasetError, match="no 'eval' split"):
+    data.extract_archive(tmp_path / "a.npz", "eval", tmp_path / "y")
+  (tmp_path / "bad.npz").write_bytes(b"not a zip")
+  with pytest.raises(data.DatasetError, match="not a dataset archive"):
+    data.extract_archive(tmp_path / "bad.npz", "train", tmp_path / "z")
+  data.write_rows(tmp_path / "big", [([70000], [1, 2])])
+  with pytest.raises(data.DatasetError, match="do not fit"):
+    data.write_archive(tmp_path / "b.npz", {"train": tmp_path / "big"})
+
+
 @pytest.mark.parametrize("corrupt, match", [
     (_truncate_tokens, r"index.bin: row 0 ends past the 2 tokens of tokens.bin"),
     (_negative_length, r"index.bin: row 1 has a negative offset or length"),

@@ -269,6 +269,19 @@ def test_init_from_loads_the_export_and_refuses_mismatches(tiny_data, tmp_path):
     trainer.run(_tiny_config(tiny_data, init_from=str(tmp_path)), tmp_path / "e")
 
 
+def test_a_shipped_archive_fills_empty_data_dirs(tiny_data, tmp_path):
+  from flexdraft_jax import data
+  data.write_archive(tmp_path / "d.npz", {"train": tiny_data / "train",
+                                          "heldout": tiny_data / "heldout"})
+  c = _tiny_config(tmp_path / "from_archive", num_steps=1, eval_every=1)
+  c.data.archive = str(tmp_path / "d.npz")
+  trainer.run(c, tmp_path / "w")
+  for split in ("train", "heldout"):
+    assert (data.TokenDataset(tmp_path / "from_archive" / split).meta
+            == data.TokenDataset(tiny_data / split).meta)
+  assert "eval_loss" in json.loads((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()[-1])
+
+
 def test_workdir_from_another_config_is_refused(tiny_data, tmp_path):
   trainer.run(_tiny_config(tiny_data, num_steps=2), tmp_path)
   other = _tiny_config(tiny_data, num_steps=4, anchors_per_seq=2)
