@@ -255,8 +255,7 @@ def generate_data(config, workdir, target=None, fingerprint=None) -> None:
                      "without --multihost first (into a directory every host can read), then "
                      "train with config.data.generate_if_missing=False")
   from flexdraft_jax.engine import Engine
-  if config.data.get("archive"):  # the shipped rows first; the build resumes after them
-    extract_data(config, workdir)
+  extract_data(config, workdir)  # the shipped rows first; the build resumes after them
   target = target or load_target(config)
   fingerprint = fingerprint or ckpt_lib.target_fingerprint(target_arch(target[0]), target[1])
   engine = Engine(config.model, target=target, tokenizer=tokenizer_name(config))
@@ -273,16 +272,21 @@ def generate_data(config, workdir, target=None, fingerprint=None) -> None:
 
 
 def extract_data(config, workdir) -> None:
-  """Extracts the splits of config.data.archive (a shipped .npz) whose dataset dir is empty.
+  """Extracts the splits of config.data.archive (a shipped .npz; none when '') whose dataset
+  dir is empty. Process 0 writes them and the others wait (the data dirs are shared).
 
   An extracted dataset resumes like a built one: --mode=generate adds prompts after it.
   """
-  for split, path in zip(("train", "heldout"), data_dirs(config, workdir)):
-    if not (path / "meta.json").exists():
-      meta = data_lib.extract_archive(config.data.archive, split, path)
-      if jax.process_index() == 0:
+  if not config.data.get("archive"):
+    return
+  if jax.process_index() == 0:
+    for split, path in zip(("train", "heldout"), data_dirs(config, workdir)):
+      if not (path / "meta.json").exists():
+        meta = data_lib.extract_archive(config.data.archive, split, path)
         print(f"{path}: {meta['rows']} rows, {meta['tokens']} tokens from {config.data.archive}",
               file=sys.stderr)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("extract_data")
 
 
 def _check_dataset(path: pathlib.Path, fingerprint: str, config) -> None:
@@ -444,10 +448,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     draft = jax.jit(drafter_lib.init_draft, static_argnums=(0, 1))(
         cfg, dcfg, target, jax.random.key(config.seed + 1))
   train_dir, heldout_dir = data_dirs(config, workdir)
-  if config.data.get("archive"):
-    extract_data(config, workdir)
-  if config.data.generate_if_missing:
+  if config.data.generate_if_missing:  # extracts config.data.archive first
     generate_data(config, workdir, (cfg, target), fingerprint)
+  else:
+    extract_data(config, workdir)
   for path in (train_dir, heldout_dir) if config.eval_every else (train_dir,):
     if not (path / "meta.json").exists():
       raise data_lib.DatasetError(
