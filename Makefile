@@ -29,7 +29,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-test.txt
 # compile (backend_compile_and_load) at tests/test_prefill.py, a test that passes in a
 # fresh process; the cause is not found (the kernel is clean under ASan). Every test still runs.
 TESTS_B := tests/test_prefill.py tests/test_prompts.py tests/test_tokenizer.py \
-  tests/test_training.py tests/test_weights_errors.py tests/test_weights_sharded.py
+  tests/test_training.py tests/test_weights_errors.py tests/test_weights_sharded.py \
+  tests/test_kv_data.py
 test: $(STAMP) $(KERNEL)
 	$(PY) -m pytest -q --durations=15 tests $(addprefix --ignore=,$(TESTS_B))
 	$(PY) -m pytest -q --durations=15 $(TESTS_B)

@@ -2,6 +2,8 @@ r"""Trains a FlexDraft drafter for a frozen target (see configs/).
 
   python train.py --config=configs/tiny.py --workdir=/tmp/tiny
   python train.py --config=configs/smollm2_135m.py --workdir=runs/smollm2 --mode=generate
+  python train.py --config=configs/smollm2_135m.py --workdir=runs/smollm2 --mode=cache_kv
+  python train.py --config=configs/smollm2_135m.py --workdir=runs/smollm2 --config.data.offline=True
   python train.py --config=configs/smollm2_135m.py --workdir=runs/smollm2 \
       --config.num_steps=500 --config.optim.learning_rate=1e-3
 
@@ -25,9 +27,11 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, data and the exported drafter.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "generate", "memory"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "generate", "memory", "cache_kv"],
                           "train; generate = build the self-distilled datasets only; "
-                          "memory = print the per-device memory estimate and exit.")
+                          "memory = print the per-device memory estimate and exit; "
+                          "cache_kv = cache the target's deep-layer K/V for "
+                          "config.data.offline=True (resumable).")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False,
     "Call jax.distributed.initialize() first (TPU pods, multi-host). On a TPU pod or a "
@@ -101,6 +105,8 @@ def main(argv):
         print(f"  {k:20s} {v:8.2f}")
     elif _MODE.value == "generate":
       trainer.generate_data(config, _WORKDIR.value)
+    elif _MODE.value == "cache_kv":
+      trainer.cache_kv(config, _WORKDIR.value)
     else:
       last = trainer.run(config, _WORKDIR.value)
       if jax.process_count() > 1:  # each host's log says where it ended

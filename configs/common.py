@@ -30,6 +30,11 @@ def base_config() -> ml_collections.ConfigDict:
       generate_if_missing=False,  # build the data at the start of training if absent
       archive="",               # a shipped .npz (data.write_archive): splits whose dir is empty
                                 # are extracted from it before training
+      # Offline mode: read the frozen target's deep-layer K/V from a cache beside each dataset
+      # (built once by --mode=cache_kv; flexdraft_jax/kv_data.py) instead of running the clean
+      # pass every step. Off by default: a large target's cache is terabytes.
+      offline=False,
+      kv_dtype="bfloat16",      # the cache's dtype: 'bfloat16' or 'float32'
   ))
   c.seq_len = 512
   c.batch_size = 4              # global batch (packed rows)

@@ -136,11 +136,15 @@ def write_rows(out_dir: str | pathlib.Path, rows: Iterable[tuple[Sequence[int], 
 class TokenDataset:
   """Random access to a dataset's rows: `{'tokens': int32[n], 'loss_mask': bool[n]}`.
 
-  `loss_mask` is True on the response tokens; the prompt is context.
+  `loss_mask` is True on the response tokens; the prompt is context. With
+  `with_offsets`, rows also carry `token_offsets` int64[n]: each token's index
+  in tokens.bin plus one (0 stays free for packing's padding), the key into an
+  offline K/V cache (`kv_data`).
   """
 
-  def __init__(self, path: str | pathlib.Path):
+  def __init__(self, path: str | pathlib.Path, with_offsets: bool = False):
     self.path = pathlib.Path(path)
+    self.with_offsets = with_offsets
     if not self.path.is_dir():
       raise DatasetError(f"{self.path}: no such dataset directory")
     self.meta = _read_meta(self.path)
@@ -155,7 +159,10 @@ class TokenDataset:
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     offset, prompt_len, response_len = self._index[i]
     tokens = np.array(self._tokens[offset:offset + prompt_len + response_len], np.int32)
-    return {"tokens": tokens, "loss_mask": np.arange(len(tokens)) >= prompt_len}
+    row = {"tokens": tokens, "loss_mask": np.arange(len(tokens)) >= prompt_len}
+    if self.with_offsets:
+      row["token_offsets"] = np.arange(offset + 1, offset + 1 + len(tokens), dtype=np.int64)
+    return row
 
 
 # ----------------------------------------------------------------------------
@@ -304,8 +311,11 @@ def _has_targets(example: dict) -> bool:
 
 
 def _unpack_names(row: dict) -> dict:
-  return {"tokens": row["tokens"], "segment_ids": row["tokens_segment_ids"],
-          "positions": row["tokens_positions"], "loss_mask": row["loss_mask"]}
+  out = {"tokens": row["tokens"], "segment_ids": row["tokens_segment_ids"],
+         "positions": row["tokens_positions"], "loss_mask": row["loss_mask"]}
+  if "token_offsets" in row:  # back to tokens.bin indices; padding -> -1
+    out["token_offsets"] = row["token_offsets"] - 1
+  return out
 
 
 def _with_anchors(row: dict, rng: np.random.Generator, *, num: int) -> dict:
@@ -320,7 +330,7 @@ def _with_anchors(row: dict, rng: np.random.Generator, *, num: int) -> dict:
 
 def make_iterator(path: str | pathlib.Path, *, seq_len: int, batch_size: int, block_size: int,
                   anchors_per_seq: int, seed: int, shard_index: int = 0, shard_count: int = 1,
-                  num_epochs: int | None = None) -> grain.DatasetIterator:
+                  num_epochs: int | None = None, kv_store=None) -> grain.DatasetIterator:
   """Packed, anchored batches of the dataset at `path`, as numpy dicts:
 
     tokens      int32 [B, S]  0 on padding
@@ -335,6 +345,12 @@ def make_iterator(path: str | pathlib.Path, *, seq_len: int, batch_size: int, bl
   learn are dropped, as is a final partial batch. This process reads rows
   `shard_index::shard_count`. Everything is a function of `seed` and grain's
   iterator state (`get_state` / `set_state`).
+
+  With `kv_store` (a `kv_data.KVStore` of this dataset: offline mode) batches
+  also hold `kv` [B, S, K, 2, kv_heads, head_dim], each token's cached clean
+  keys/values (zeros on padding). Cutting keeps a row's prefix and packing
+  restarts positions per row, so every token's position is the one its record
+  was computed at.
   """
   if block_size < 2:
     raise ValueError(f"block_size must be >= 2, got {block_size}")
@@ -345,17 +361,23 @@ def make_iterator(path: str | pathlib.Path, *, seq_len: int, batch_size: int, bl
                      f"{batch_size}")
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count})")
-  ds = grain.MapDataset.source(TokenDataset(path))[shard_index::shard_count]
+  ds = grain.MapDataset.source(TokenDataset(path, with_offsets=kv_store is not None))
+  ds = ds[shard_index::shard_count]
   if not len(ds):
     raise DatasetError(f"{path}: shard {shard_index} of {shard_count} has no rows")
   ds = ds.shuffle(seed=seed).repeat(num_epochs).map(functools.partial(_truncate, seq_len=seq_len))
   ds = ds.filter(_has_targets).to_iter_dataset()
-  ds = grain.experimental.FirstFitPackIterDataset(
-      ds, length_struct={"tokens": seq_len, "loss_mask": seq_len}, num_packing_bins=batch_size,
-      seed=seed)
+  lengths = {"tokens": seq_len, "loss_mask": seq_len}
+  if kv_store is not None:
+    lengths["token_offsets"] = seq_len
+  ds = grain.experimental.FirstFitPackIterDataset(ds, length_struct=lengths,
+                                                  num_packing_bins=batch_size, seed=seed)
   ds = ds.map(_unpack_names).random_map(functools.partial(_with_anchors, num=anchors_per_seq),
                                         seed=seed)
-  return iter(ds.batch(batch_size, drop_remainder=True))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if kv_store is not None:
+    ds = ds.map(kv_store.attach)
+  return iter(ds)
 
 
 def grain_checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool = False):

@@ -295,23 +295,41 @@ def mixed_pass(params: Params, cfg: ModelConfig, dcfg: DrafterConfig, tokens_BT,
 # ----------------------------------------------------------------------------
 # Training pass: packed rows, anchors, one frozen clean pass
 # ----------------------------------------------------------------------------
+def clean_kv(target: Params, cfg: ModelConfig, dcfg: DrafterConfig, tokens, pos, seg):
+  """The frozen clean pass over packed rows: (x [B,S,d], (k, v) of layers s..L-1 [K,B,S,kvh,hd]).
+
+  The only source of the deep layers' clean keys/values, online (every train
+  step) and offline (`kv_data.build`, once per dataset).
+  """
+  clean = Tokens.clean(pos, seg)
+  x, (k, v) = model_lib.run_layers(cfg, target["layers"], model_lib.embed(target, cfg, tokens), pos,
+                                   visibility(clean, clean))
+  s = dcfg.split(cfg)
+  return lax.stop_gradient((x, (k[s:], v[s:])))
+
+
 def train_outputs(params: Params, cfg: ModelConfig, dcfg: DrafterConfig, batch: dict,
                   with_clean_logits: bool = False):
   """Slot states for packed rows with anchors (ALGORITHM.md §3).
 
   batch: tokens/segment_ids/positions [B,S], anchors [B,A] (index of the anchor
   token in the row, -1 = none). The clean pass runs the frozen target once
-  (no gradient) and hands every deep layer's keys/values to the mask path.
+  (no gradient) and hands every deep layer's keys/values to the mask path; in
+  offline mode the batch carries them instead (`kv` [B,S,K,2,kvh,hd],
+  `kv_data`) and the clean pass is skipped.
   Returns (slot states [B,A,Bs,d] final-normed, clean logits [B,S,V] or None).
   """
   target, draft = params["target"], params["draft"]
   tokens, seg, pos, anchors = batch["tokens"], batch["segment_ids"], batch["positions"], batch["anchors"]
   b, a = anchors.shape
-  s = dcfg.split(cfg)
   clean = Tokens.clean(pos, seg)
-  x, (k, v) = model_lib.run_layers(cfg, target["layers"], model_lib.embed(target, cfg, tokens), pos,
-                                   visibility(clean, clean))
-  x, k, v = lax.stop_gradient((x, k, v))
+  if "kv" in batch:
+    if with_clean_logits:
+      raise ValueError("clean logits need the clean pass, which offline mode (cached K/V) skips")
+    kv = batch["kv"].astype(cfg.jnp_dtype)  # [B,S,K,2,kvh,hd]
+    x, (k, v) = None, (jnp.moveaxis(kv[:, :, :, 0], 2, 0), jnp.moveaxis(kv[:, :, :, 1], 2, 0))
+  else:
+    x, (k, v) = clean_kv(target, cfg, dcfg, tokens, pos, seg)
   valid = anchors >= 0
   idx = jnp.maximum(anchors, 0)
   anchor_pos = jnp.take_along_axis(pos, idx, axis=1)
@@ -320,7 +338,7 @@ def train_outputs(params: Params, cfg: ModelConfig, dcfg: DrafterConfig, batch: 
   slots = Tokens.slots(anchor_pos, dcfg.block_size, anchor_seg)
   _, x_s, _ = run_dual_layers(cfg, dcfg, target["layers"], draft["layers"], None,
                               slot_inputs(draft, cfg, b, a * dcfg.block_size), None, slots.pos,
-                              visibility(slots, clean.concat(slots)), kv_c=(k[s:], v[s:]))
+                              visibility(slots, clean.concat(slots)), kv_c=(k, v))
   h_s = model_lib.final_hidden(target, cfg, x_s).reshape(b, a, dcfg.block_size, -1)
   clean_logits = None
   if with_clean_logits:

@@ -19,7 +19,8 @@ DTYPES = ("", "float32", "bfloat16")
 EXPORT_DTYPES = ("bfloat16", "float32")   # checkpoint.EXPORT_DTYPES
 RESPONSES = ("self", "original")          # data.RESPONSE_MODES
 LABELS = ("data", "target_argmax")        # training.LossConfig.labels
-MODES = ("train", "generate", "memory")   # train.py --mode
+KV_DTYPES = ("bfloat16", "float32")       # kv_data.DTYPES
+MODES = ("train", "generate", "memory", "cache_kv")  # train.py --mode
 
 
 class ConfigError(ValueError):
@@ -117,7 +118,7 @@ def _check_paths(config, mode: str) -> None:
     path = _get(config, name)
     if not isinstance(path, str):
       raise ConfigError(f"config.{name} must be a path or '' (the workdir's), got {path!r}")
-    building = mode == "generate" or (mode == "train" and (_get(config, "data.generate_if_missing")
+    building = mode == "generate" or (mode in ("train", "cache_kv") and (_get(config, "data.generate_if_missing")
                                                            or _get(config, "data.archive")))
     if path and not building and mode != "memory" and not pathlib.Path(path).is_dir():
       if name == "data.heldout_dir" and not _get(config, "eval_every"):
@@ -130,7 +131,7 @@ def _check_archive(config, mode: str) -> None:
   path = _get(config, "data.archive")
   if not isinstance(path, str):
     raise ConfigError(f"config.data.archive must be a .npz path or '', got {path!r}")
-  if path and mode == "train" and not pathlib.Path(path).is_file():
+  if path and mode in ("train", "cache_kv") and not pathlib.Path(path).is_file():
     raise ConfigError(f"config.data.archive={path!r} does not exist")
 
 
@@ -141,6 +142,17 @@ def _check_init_from(config, mode: str) -> None:
   if path and mode == "train" and not (pathlib.Path(path) / "drafter.json").is_file():
     raise ConfigError(f"config.init_from={path!r} is not an exported drafter (no drafter.json "
                       "in it; train.py writes one to <workdir>/drafter)")
+
+
+def _check_offline(config) -> None:
+  offline = config.data.get("offline", False)
+  if not isinstance(offline, bool):
+    raise ConfigError(f"config.data.offline must be True or False, got {offline!r}")
+  if "kv_dtype" in config.data:
+    _one_of(config, "data.kv_dtype", KV_DTYPES)
+  if offline and _get(config, "loss.labels") == "target_argmax":
+    raise ConfigError("config.loss.labels='target_argmax' needs the clean pass, which "
+                      "config.data.offline=True skips; use labels='data' or offline=False")
 
 
 def validate(config, mode: str = "train") -> None:
@@ -176,6 +188,7 @@ def validate(config, mode: str = "train") -> None:
   for name in ("optim.b1", "optim.b2"):
     _in_range(config, name, 0.0, 1.0)
   _one_of(config, "loss.labels", LABELS)
+  _check_offline(config)
   shape = mesh_shape(_get(config, "mesh"))
   if shape is not None and config.batch_size % (shape[0] * shape[1]):
     raise ConfigError(f"config.batch_size={config.batch_size} must be a multiple of data*fsdp="

@@ -30,6 +30,7 @@ from jax.sharding import AbstractMesh
 from flexdraft_jax import checkpoint as ckpt_lib
 from flexdraft_jax import data as data_lib
 from flexdraft_jax import drafter as drafter_lib
+from flexdraft_jax import kv_data
 from flexdraft_jax import model as model_lib
 from flexdraft_jax import sharding as sharding_lib
 from flexdraft_jax import training
@@ -128,7 +129,7 @@ def _sharded_bytes(tree, mesh) -> float:
 
 def memory_estimate(cfg: ModelConfig, dcfg: DrafterConfig, *, batch_size: int, seq_len: int,
                     anchors_per_seq: int, mesh_shape, decode_batch_size: int = 0,
-                    decode_context: int = 0) -> dict:
+                    decode_context: int = 0, offline: bool = False) -> dict:
   """Per-device GiB of the train step and of decoding on the mesh `mesh_shape`.
 
   Params come from `jax.eval_shape` and the rules table on an abstract mesh. The
@@ -140,9 +141,11 @@ def memory_estimate(cfg: ModelConfig, dcfg: DrafterConfig, *, batch_size: int, s
   train step: params, the draft's gradient and AdamW moments (f32), and
     act_clean_kv         keys and values of the frozen clean pass, every layer
                          (the scan stacks them; the deep layers' are read by the
-                         mask path and kept for its backward pass)
+                         mask path and kept for its backward pass); offline
+                         (cached K/V in the batch): the K deep layers' only
     act_clean_attention  one clean layer's attention scores and probabilities
-                         (f32, [S, S] per head); transient, before the mask path
+                         (f32, [S, S] per head); transient, before the mask
+                         path; 0 offline (no clean pass)
     act_draft_layers     what the mask path's K layers keep for the backward pass
                          (`run_dual_layers` has no remat, so all K at once), per
                          slot: the residual stream 4x (input, normed, after
@@ -182,9 +185,10 @@ def memory_estimate(cfg: ModelConfig, dcfg: DrafterConfig, *, batch_size: int, s
       "target_params": (sharded - draft_b) / GiB,
       "draft_params": draft_b / GiB,
       "grads_and_adam": 3 * draft_b / GiB,
-      "act_clean_kv": 2 * on_device((cfg.num_layers, b, s, kv, hd),
-                                    ("layers", "batch", None, "kv_heads", None), act),
-      "act_clean_attention": on_device((b, n, s, s), ("batch", "heads", None, None), score),
+      "act_clean_kv": 2 * on_device((dcfg.num_draft_layers if offline else cfg.num_layers, b, s,
+                                     kv, hd), ("layers", "batch", None, "kv_heads", None), act),
+      "act_clean_attention": 0.0 if offline else on_device((b, n, s, s),
+                                                           ("batch", "heads", None, None), score),
       "act_draft_layers": dcfg.num_draft_layers * per_layer,
       "act_slot_logits": (4 if dcfg.calib_rank else 2) * on_device(
           (b, m, cfg.vocab_size), ("batch", None, "vocab"), 4),
@@ -218,7 +222,8 @@ def check_memory(config, cfg: ModelConfig, dcfg: DrafterConfig, mesh_shape) -> d
   rows, context = decode_shape(config)
   est = memory_estimate(cfg, dcfg, batch_size=config.batch_size, seq_len=config.seq_len,
                         anchors_per_seq=config.anchors_per_seq, mesh_shape=mesh_shape,
-                        decode_batch_size=rows, decode_context=context)
+                        decode_batch_size=rows, decode_context=context,
+                        offline=bool(config.data.get("offline")))
   if config.hbm_gib and est["total"] > config.hbm_gib:
     parts = ", ".join(f"{k} {v:.2f}" for k, v in est.items() if k != "total")
     if est["train_total"] >= est["decode_total"]:
@@ -380,12 +385,38 @@ def to_host(tree):
 _count_tokens = jax.jit(lambda seg: jnp.sum(seg > 0))
 
 
-def _iterator(config, path, dcfg, seed, mesh, num_epochs=None):
+def _iterator(config, path, dcfg, seed, mesh, num_epochs=None, kv_store=None):
   shard = data_shard(mesh, config.batch_size)
   return data_lib.make_iterator(
       path, seq_len=config.seq_len, batch_size=shard.rows, block_size=dcfg.block_size,
       anchors_per_seq=config.anchors_per_seq, seed=seed, shard_index=shard.index,
-      shard_count=shard.count, num_epochs=num_epochs)
+      shard_count=shard.count, num_epochs=num_epochs, kv_store=kv_store)
+
+
+def kv_stores(config, cfg, dcfg, fingerprint, paths) -> dict:
+  """{path: kv_data.KVStore} in offline mode (config.data.offline), else {}."""
+  if not config.data.get("offline"):
+    return {}
+  return {p: kv_data.KVStore(p, cfg, dcfg, fingerprint) for p in paths}
+
+
+def cache_kv(config, workdir) -> None:
+  """`--mode=cache_kv`: caches the deep layers' clean K/V of the train split (and the held-out
+  split when evaluating) for offline mode, after extracting config.data.archive; resumable."""
+  if jax.process_count() > 1:
+    raise ValueError("caching K/V needs a single process: run train.py --mode=cache_kv without "
+                     "--multihost first, into a directory every host can read")
+  extract_data(config, workdir)
+  cfg, target = load_target(config)
+  dcfg = drafter_config(config, cfg)
+  fingerprint = ckpt_lib.target_fingerprint(target_arch(cfg), target)
+  train_dir, heldout_dir = data_dirs(config, workdir)
+  for path in (train_dir, heldout_dir) if config.eval_every else (train_dir,):
+    if not (path / "meta.json").exists():
+      raise data_lib.DatasetError(f"no dataset at {path}; build it first: python train.py "
+                                  f"--mode=generate --config=<this config> --workdir={workdir}")
+    _check_dataset(path, fingerprint, config)
+    kv_data.build(path, cfg, target, dcfg, fingerprint, dtype=config.data.kv_dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -416,9 +447,9 @@ def _host(metrics: dict) -> dict:
   return out
 
 
-def evaluate(eval_fn, state, target, config, path, dcfg, sharding) -> dict:
+def evaluate(eval_fn, state, target, config, path, dcfg, sharding, kv_store=None) -> dict:
   """Mean metrics over `eval_batches` fixed held-out batches (same batches every time)."""
-  it = _iterator(config, path, dcfg, seed=1234, mesh=sharding["tokens"].mesh)
+  it = _iterator(config, path, dcfg, seed=1234, mesh=sharding["tokens"].mesh, kv_store=kv_store)
   rows = []
   for _ in range(config.eval_batches):
     batch = global_batch(next(it), sharding, config.batch_size)
@@ -458,11 +489,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
           f"no dataset at {path}; build it first: python train.py --mode=generate "
           f"--config=<this config> --workdir={workdir}")
     _check_dataset(path, fingerprint, config)
+  stores = kv_stores(config, cfg, dcfg, fingerprint,
+                     (train_dir, heldout_dir) if config.eval_every else (train_dir,))
 
   tx = training.make_optimizer(ocfg, {"target": target, "draft": draft})
   state = training.init_state(tx, target, draft)
-  it = _iterator(config, train_dir, dcfg, seed=config.seed, mesh=mesh)
-  batch0 = next(_iterator(config, train_dir, dcfg, seed=config.seed, mesh=mesh))
+  it = _iterator(config, train_dir, dcfg, seed=config.seed, mesh=mesh, kv_store=stores.get(train_dir))
+  batch0 = next(_iterator(config, train_dir, dcfg, seed=config.seed, mesh=mesh,
+                          kv_store=stores.get(train_dir)))
   step_fn, st_sh, tg_sh, b_sh = training.compile_train_step(state, target, batch0, mesh, tx=tx,
                                                            cfg=cfg, dcfg=dcfg, lcfg=lcfg)
   target, state = put_global(target, tg_sh), put_global(state, st_sh)
@@ -501,7 +535,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
                     step_time_s=dt / (step - s_prev))
         t_prev, s_prev, tokens = time.perf_counter(), step, 0
         if config.eval_every and (step % config.eval_every == 0 or step == config.num_steps):
-          last.update(evaluate(eval_fn, state, target, config, heldout_dir, dcfg, b_sh))
+          last.update(evaluate(eval_fn, state, target, config, heldout_dir, dcfg, b_sh,
+                               stores.get(heldout_dir)))
         log.write(last)
         bar.set_postfix(loss=f"{last['loss']:.3f}", acc0=f"{last['acc'][0]:.2f}",
                         tau=f"{last['tau_proxy_parallel']:.2f}", refresh=False)
@@ -512,7 +547,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
         if main:
           print(f"time_limit_s={config.time_limit_s} reached at step {step}", file=sys.stderr)
         if config.eval_every:
-          last.update(evaluate(eval_fn, state, target, config, heldout_dir, dcfg, b_sh), step=step)
+          last.update(evaluate(eval_fn, state, target, config, heldout_dir, dcfg, b_sh,
+                               stores.get(heldout_dir)), step=step)
           log.write(last)
         break
       ckpt.maybe_save(step, state.as_dict(), it, force=stop)

@@ -45,6 +45,7 @@ BAD_FIELDS = [
     ("data.train_dir", "/no/such/dir", "config.data.train_dir='/no/such/dir' does not exist"),
     ("data.archive", "/no/such.npz", "config.data.archive='/no/such.npz' does not exist"),
     ("init_from", "/tmp", "config.init_from='/tmp' is not an exported drafter"),
+    ("data.kv_dtype", "float16", "config.data.kv_dtype must be one of 'bfloat16', 'float32'"),
     ("seq_len", 1, "config.seq_len must be an integer >= 2"),
     ("seq_len", 4, "config.seq_len=4 is below drafter.block_size + 1 = 5"),
     ("batch_size", 0, "config.batch_size must be an integer >= 1, got 0"),

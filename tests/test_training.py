@@ -347,3 +347,22 @@ def test_train_cli_runs_and_sigterm_saves(tiny_data, tmp_path):
   # train_config.validate rejects it as a usage error (exit 2) before any data or compile.
   assert bad.returncode == 2, bad.stderr[-3000:]
   assert bad.stderr.strip() == "train.py: error: config.drafter.block_size must be an integer >= 2, got 1"
+
+
+def test_offline_mode_trains_like_online_and_needs_its_cache(tiny_data, tmp_path):
+  """--mode=cache_kv then config.data.offline=True: the same first-step metrics as online
+  (f32 cache), train and held-out; without a cache, the error says how to build it."""
+  from flexdraft_jax import kv_data, train_config
+  online = trainer.run(_tiny_config(tiny_data, num_steps=1, eval_every=1), tmp_path / "on")
+  c = _tiny_config(tiny_data, num_steps=1, eval_every=1)
+  c.data.offline = True
+  with pytest.raises(kv_data.KVCacheError, match=r"no cached K/V .*--mode=cache_kv"):
+    trainer.run(c, tmp_path / "none")
+  c.data.kv_dtype = "float32"
+  trainer.cache_kv(c, tmp_path / "off")
+  offline = trainer.run(c, tmp_path / "off")
+  for key in ("loss", "ce", "ce_calib", "eval_loss", "eval_ce"):
+    np.testing.assert_allclose(offline[key], online[key], rtol=1e-4, err_msg=key)
+  c.loss.labels = "target_argmax"
+  with pytest.raises(train_config.ConfigError, match="needs the clean pass"):
+    train_config.validate(c)
