@@ -10,7 +10,7 @@ computes them once per dataset and stores them beside it:
   kv_meta.json  target fingerprint, split layer, K, dtype, record shape, and
                 `rows`: the commit point
 
-A build appends one batch of rows at a time (records, then an atomic rewrite of
+A build appends a window of rows at a time (records, then an atomic rewrite of
 kv_meta.json). A reader ignores records past the committed rows and a rerun
 cuts them off and resumes, so a crash costs at most the batch in flight.
 
@@ -138,21 +138,27 @@ def build(data_dir, cfg: ModelConfig, target, dcfg: DrafterConfig, fingerprint: 
   bar = tqdm.tqdm(total=todo, unit="tok", file=sys.stderr, disable=not progress or not todo,
                   desc="cache_kv")
   t0 = time.perf_counter()
-  for start in range(done, len(index), batch_rows):
-    rows = [ds[i]["tokens"] for i in range(start, min(start + batch_rows, len(index)))]
-    lens = np.array([len(r) for r in rows], np.int32)
-    width = -(-max(int(lens.max()), 1) // _WIDTH_STEP) * _WIDTH_STEP
-    tokens = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-      tokens[i, :len(r)] = r
-    rec = np.asarray(jax.device_get(_records(target, tokens, lens, cfg=cfg, dcfg=dcfg,
-                                             dtype=dtype)))
-    data_lib._append(data_dir / _KV, np.concatenate([rec[i, :n] for i, n in enumerate(lens)]))
+  window = 8 * batch_rows  # rows committed together; sorted by length inside, to pad little
+  for start in range(done, len(index), window):
+    rows = [ds[i]["tokens"] for i in range(start, min(start + window, len(index)))]
+    out = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for group in (order[i:i + batch_rows] for i in range(0, len(order), batch_rows)):
+      lens = np.array([len(rows[i]) for i in group], np.int32)
+      width = -(-max(int(lens.max()), 1) // _WIDTH_STEP) * _WIDTH_STEP
+      tokens = np.zeros((len(group), width), np.int32)
+      for j, i in enumerate(group):
+        tokens[j, :lens[j]] = rows[i]
+      rec = np.asarray(jax.device_get(_records(target, tokens, lens, cfg=cfg, dcfg=dcfg,
+                                               dtype=dtype)))
+      for j, i in enumerate(group):
+        out[i] = rec[j, :lens[j]]
+      bar.update(int(lens.sum()))
+    data_lib._append(data_dir / _KV, np.concatenate(out))
     meta["rows"] = start + len(rows)
     tmp = data_dir / f"{_KV_META}.tmp"
     tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     os.replace(tmp, data_dir / _KV_META)
-    bar.update(int(lens.sum()))
   bar.close()
   if progress and todo:
     dt = time.perf_counter() - t0

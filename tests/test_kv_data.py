@@ -86,7 +86,7 @@ def test_offline_loss_and_grads_equal_online(params, tmp_path):
 def test_cache_resumes_after_a_crash_and_after_the_dataset_grows(params, tmp_path):
   target, _ = params
   ref = _dataset(tmp_path / "ref", n=12)
-  kv_data.build(ref, CFG, target, DCFG, FP, batch_rows=4, progress=False)
+  kv_data.build(ref, CFG, target, DCFG, FP, batch_rows=1, progress=False)  # two windows
   want = (ref / "kv.bin").read_bytes()
   assert len(want) == data_lib.TokenDataset(ref).meta["tokens"] * kv_data.bytes_per_token(CFG, DCFG)
 
@@ -106,7 +106,10 @@ def test_cache_resumes_after_a_crash_and_after_the_dataset_grows(params, tmp_pat
   with pytest.raises(kv_data.KVCacheError, match="covers 8 of the dataset's 12 rows"):
     kv_data.KVStore(ds, CFG, DCFG, FP)
   kv_data.build(ds, CFG, target, DCFG, FP, batch_rows=5, progress=False)
-  assert (ds / "kv.bin").read_bytes() == want
+  got = (ds / "kv.bin").read_bytes()
+  assert len(got) == len(want)  # other batch shapes: equal up to f32 summation order in bf16
+  as_f32 = lambda b: np.frombuffer(b, jnp.bfloat16).astype(np.float32)
+  np.testing.assert_allclose(as_f32(got), as_f32(want), rtol=2e-2, atol=1e-3)
   kv_data.KVStore(ds, CFG, DCFG, FP)  # complete
 
 
