@@ -15,6 +15,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from flexdraft_jax import cli
+
 _PROMPT = flags.DEFINE_string("prompt", None, "One prompt (a user message).")
 _PROMPTS_FILE = flags.DEFINE_string(
     "prompts_file", None, "jsonl file (each row has `prompt` (str) or `turns`: the first is "
@@ -208,26 +210,5 @@ def main(argv):
           f"speedup over AR: {ar_stats.decode_s / stats.decode_s:.2f}x (same prompts, this run, "
           f"compile excluded){same}]", file=sys.stderr)
 
-def _usage_error(message: str, exitcode: int = 2):
-  print(f"decode.py: error: {message.strip().splitlines()[0]}", file=sys.stderr)
-  sys.exit(exitcode)
-
-
-def _parse_flags(argv):
-  """absl's flag parsing; a bad flag value is a one-line usage error (exit 2)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _usage_error(str(e))
-
-
-def _main(argv):
-  """main, with a usage error printed as one line (not absl's whole flag listing)."""
-  try:
-    main(argv)
-  except app.UsageError as e:
-    _usage_error(str(e), e.exitcode)
-
-
 if __name__ == "__main__":
-  app.run(_main, flags_parser=_parse_flags)
+  cli.run(main, "decode.py")

@@ -23,6 +23,8 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+
+from flexdraft_jax import cli
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
@@ -45,22 +47,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _usage_error(message: str, exitcode: int = 2):
-  print(f"train.py: error: {message.strip().splitlines()[0]}", file=sys.stderr)
-  sys.exit(exitcode)
-
-
-def _parse_flags(argv):
-  """absl's flag parsing; a bad flag or --config override is a one-line usage error (exit 2)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _usage_error(str(e))
-  except (AttributeError, KeyError) as e:  # ml_collections: --config.KEY that does not exist
-    from flexdraft_jax import train_config
-    _usage_error(train_config.unknown_override(e, argv) or str(e))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -69,9 +55,9 @@ def main(argv):
     config = _CONFIG.value
     train_config.validate(config, _MODE.value)
   except train_config.ConfigError as e:
-    _usage_error(str(e))
+    cli.usage_error("train.py", str(e))
   except OSError as e:  # the config file did not load; its last line says why
-    _usage_error(f"--config: {str(e).strip().splitlines()[-1].strip()}")
+    cli.usage_error("train.py", f"--config: {str(e).strip().splitlines()[-1].strip()}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
   import jax
   if _MULTIHOST.value:
@@ -118,13 +104,11 @@ def main(argv):
     sys.exit(1)
 
 
-def _main(argv):
-  """main, with a usage error printed as one line (not absl's whole flag listing)."""
-  try:
-    main(argv)
-  except app.UsageError as e:
-    _usage_error(str(e), e.exitcode)
+def _unknown_override(error, argv):
+  from flexdraft_jax import train_config
+  return train_config.unknown_override(error, argv)
 
 
 if __name__ == "__main__":
-  app.run(_main, flags_parser=_parse_flags)
+  # ml_collections raises AttributeError/KeyError for a --config.KEY that does not exist.
+  cli.run(main, "train.py", parse_error=((AttributeError, KeyError), _unknown_override))
