@@ -45,7 +45,7 @@ BENCH := $(PY) -m flexdraft_jax.bench --drafter=drafters/smollm2-135m-instruct \
 	  --batch_sizes=1,4 --num_prompts=4 --max_new_tokens=32 --unroll_layers=false --out_dir=bench_out
 
 bench: $(STAMP) $(KERNEL)
-	$(BENCH) --calibrate --prompts=sharegpt-heldout --max_prompt_tokens=256 --profile_runs=5
+	$(BENCH) --calibrate --prompts=sharegpt-heldout --max_prompt_tokens=256
 	$(BENCH) --costs=bench_out/costs.json --modes=ar,pld,parallel,sequential,flex --repeats=2 \
 	  --compare_hf=false
 

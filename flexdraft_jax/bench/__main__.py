@@ -38,7 +38,8 @@ read:
   tokens then a mixed pass over 1 token with one group (cache writes included;
   verify and drafting math excluded). Each is jitted on its own over a zero
   cache whose rows hold the typical mid-generation length (mean prompt +
-  max_new_tokens / 2); the median of `--profile_runs` calls is kept.
+  max_new_tokens / 2), in rounds that alternate it with the ar step
+  (`cost_cache.measure_step_ms`; `--profile_runs` does not apply).
 - tau: the committed tokens per row-step of the parallel and of the sequential
   mode, from decoding the prompts in each mode at the smallest batch size.
 Calibrate on other prompts than the ones you then time (e.g. the held-out
