@@ -13,7 +13,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer = ""              # '' = the model's own; needed for model='random'
   c.dtype = ""                  # '' = f32 on CPU, bf16 on accelerators
   c.random_model = ml_collections.ConfigDict()  # ModelConfig fields for model='random'
-  c.drafter = ml_collections.ConfigDict(dict(num_draft_layers=6, block_size=16, calib_rank=256))
+  # calib_target: what the calibration MLP corrects, 'logits' (the paper's) or 'hidden' (a
+  # slot-state delta through the frozen LM head: r x d instead of r x V params).
+  c.drafter = ml_collections.ConfigDict(dict(num_draft_layers=6, block_size=16, calib_rank=256,
+                                             calib_target="logits"))
   # '' = a fresh drafter; an exported drafter folder (e.g. drafters/smollm2-135m-instruct) to
   # fine-tune from: its params, checked against this target and config.drafter; a fresh optimizer.
   c.init_from = ""

@@ -17,5 +17,5 @@ def get_config() -> ml_collections.ConfigDict:
       tie_embeddings=False, max_position=131072,
       rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                         original_max_position=8192)))
-  c.drafter = ml_collections.ConfigDict(dict(num_draft_layers=8, block_size=16, calib_rank=256))
+  c.drafter.update(num_draft_layers=8, block_size=16, calib_rank=256)
   return c

@@ -15,5 +15,5 @@ def get_config() -> ml_collections.ConfigDict:
       family="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
       num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
       qk_norm=True, tie_embeddings=False, max_position=40960))
-  c.drafter = ml_collections.ConfigDict(dict(num_draft_layers=10, block_size=16, calib_rank=256))
+  c.drafter.update(num_draft_layers=10, block_size=16, calib_rank=256)
   return c

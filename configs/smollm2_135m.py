@@ -13,7 +13,7 @@ from configs import common
 def get_config() -> ml_collections.ConfigDict:
   c = common.base_config()
   c.model = "smollm2-135m-instruct"
-  c.drafter = ml_collections.ConfigDict(dict(num_draft_layers=6, block_size=16, calib_rank=256))
+  c.drafter.update(num_draft_layers=6, block_size=16, calib_rank=256)
   c.data.num_prompts = 4000
   c.data.num_heldout_prompts = 64
   # Shipped self-distilled data (docs/TRAINING.md), extracted into empty data dirs.

@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.random_model = ml_collections.ConfigDict(dict(
       family="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=4,
       num_heads=4, num_kv_heads=2, head_dim=16, max_position=2048, tie_embeddings=True))
-  c.drafter = ml_collections.ConfigDict(dict(num_draft_layers=2, block_size=4, calib_rank=16))
+  c.drafter.update(num_draft_layers=2, block_size=4, calib_rank=16)
   c.data.num_prompts = 24
   c.data.num_heldout_prompts = 8
   c.data.max_prompt_len = 96

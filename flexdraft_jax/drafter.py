@@ -6,8 +6,12 @@ Params are one tree `{'target': <model.py params>, 'draft': <below>}`:
                               [K, ...] tree, or a tuple for unrolled decoding),
                               initialised as copies of the target's
   draft/calib/{w1,b1,w2,b2}   the bonus-guided calibration MLP
-                              ([2d, r], [r], [r, V], [V]); absent when r = 0
-  (`decoding_draft` may pack the projectors and calib w1 / w2 for the CPU
+                              ([2d, r], [r], [r, V], [V]); absent when r = 0;
+                              a logit delta (the paper's). With calib_target
+                              'hidden', w2h [r, d] and b2h [d] instead: a delta
+                              on the final-normed slot state, fed through the
+                              frozen LM head (an option; r x d, not r x V)
+  (`decoding_draft` may pack the projectors and calib w1 / w2 (w2h) for the CPU
   matmul kernel: `model.pack_attention`, calib/{w1,w2}_packed, w2 dropped)
 
 Every token, clean or mask slot, is described by `Tokens` (position, anchor,
@@ -33,11 +37,15 @@ from flexdraft_jax.model_config import ModelConfig
 Params = Any
 
 
+CALIB_TARGETS = ("logits", "hidden")
+
+
 @dataclasses.dataclass(frozen=True)
 class DrafterConfig:
   num_draft_layers: int = 6  # K: layers s = L-K .. L-1 get draft projectors
   block_size: int = 16       # B: mask slots per block
   calib_rank: int = 256      # r of the calibration MLP; 0 turns calibration off
+  calib_target: str = "logits"  # what the MLP corrects: 'logits' (the paper's) or 'hidden'
 
   def split(self, cfg: ModelConfig) -> int:
     return cfg.num_layers - self.num_draft_layers
@@ -50,6 +58,8 @@ class DrafterConfig:
       raise ValueError(f"block_size must be at least 2, got {self.block_size}")
     if self.calib_rank < 0:
       raise ValueError(f"calib_rank must be >= 0, got {self.calib_rank}")
+    if self.calib_target not in CALIB_TARGETS:
+      raise ValueError(f"calib_target must be one of {CALIB_TARGETS}, got {self.calib_target!r}")
     return self
 
   def to_dict(self) -> dict:
@@ -131,10 +141,11 @@ def init_draft(cfg: ModelConfig, dcfg: DrafterConfig, target: Params, rng: jax.A
     draft["calib"] = {
         "w1": (jax.random.normal(k_w1, (2 * d, r)) / jnp.sqrt(2 * d)).astype(dt),
         "b1": jnp.zeros((r,), dt),
-        # Zero output layer: calibration starts as the identity on the logits.
-        "w2": jnp.zeros((r, cfg.vocab_size), dt),
-        "b2": jnp.zeros((cfg.vocab_size,), dt),
     }
+    # Zero output layer: calibration starts as the identity on the logits.
+    out, n = ("2h", d) if dcfg.calib_target == "hidden" else ("2", cfg.vocab_size)
+    draft["calib"][f"w{out}"] = jnp.zeros((r, n), dt)
+    draft["calib"][f"b{out}"] = jnp.zeros((n,), dt)
   return draft
 
 
@@ -163,12 +174,12 @@ def pack_draft(draft: Params) -> Params:
   if not isinstance(draft["layers"], tuple):
     raise ValueError("packing needs unrolled draft layers (decoding_draft with unroll=True)")
   out = {**draft, "layers": tuple(model_lib.pack_attention(a) for a in draft["layers"])}
-  if "calib" in draft and "w2_packed" not in draft["calib"]:
-    calib = draft["calib"]
-    # w1 stays: flex reads the rank from its shape. w2 [r, V] is replaced.
-    out["calib"] = {**{k: v for k, v in calib.items() if k != "w2"},
+  if "calib" in draft and not any(k.endswith("_packed") for k in draft["calib"]):
+    calib, w2 = draft["calib"], _calib_out(draft["calib"])
+    # w1 stays: flex reads the rank from its shape. w2 [r, V] (or w2h) is replaced.
+    out["calib"] = {**{k: v for k, v in calib.items() if k != w2},
                     "w1_packed": cpu_matmul.pack(calib["w1"]),
-                    "w2_packed": cpu_matmul.pack(calib["w2"])}
+                    f"{w2}_packed": cpu_matmul.pack(calib[w2])}
   return out
 
 
@@ -243,21 +254,42 @@ def slot_inputs(draft: Params, cfg: ModelConfig, b: int, m: int) -> jax.Array:
 def slot_logits(params: Params, cfg: ModelConfig, h_BJD, bonus_BJ=None) -> jax.Array:
   """Draft logits [..., V] f32 from final-normed slot states; calibrated when
   `bonus_BJ` is given and the drafter has a calibration MLP."""
-  z = model_lib.lm_logits(params["target"], cfg, h_BJD)
   if bonus_BJ is None or "calib" not in params["draft"]:
-    return z
-  return z + calibration(params, cfg, h_BJD, bonus_BJ)
+    return model_lib.lm_logits(params["target"], cfg, h_BJD)
+  return calibrated_logits(params, cfg, h_BJD, bonus_BJ)
+
+
+def calibrated_logits(params: Params, cfg: ModelConfig, h_BJD, bonus_BJ, z=None) -> jax.Array:
+  """Calibrated draft logits [..., V] f32: z + delta (calib_target 'logits'; `z`, the raw
+  logits of h, is computed when not given, so training shares one head pass), or the LM
+  head of h + delta ('hidden')."""
+  delta = calibration(params, cfg, h_BJD, bonus_BJ)
+  if _calib_out(params["draft"]["calib"]) == "w2h":
+    return model_lib.lm_logits(params["target"], cfg, (h_BJD + delta).astype(h_BJD.dtype))
+  return (model_lib.lm_logits(params["target"], cfg, h_BJD) if z is None else z) + delta
+
+
+def _calib_out(calib: Params) -> str:
+  """The calibration MLP's output layer: 'w2' (logit delta) or 'w2h' (hidden-state delta)."""
+  return "w2h" if "b2h" in calib else "w2"
 
 
 def calibration(params: Params, cfg: ModelConfig, h_BJD, bonus_BJ) -> jax.Array:
-  """The bonus-guided correction W2 silu(W1 [E(bonus); h] + b1) + b2, f32 [..., V]."""
+  """The bonus-guided correction W2 silu(W1 [E(bonus); h] + b1) + b2, f32 [..., V] (or
+  [..., d] with calib_target 'hidden')."""
   calib, dt = params["draft"]["calib"], cfg.jnp_dtype
+  w2 = _calib_out(calib)
+  b2 = calib["b2h" if w2 == "w2h" else "b2"].astype(jnp.float32)
   e = model_lib.embed(params["target"], cfg, bonus_BJ)
-  if "w2_packed" in calib:  # `decoding_draft`: the CPU kernel
+  if f"{w2}_packed" in calib:  # `decoding_draft`: the CPU kernel
     eh = jnp.concatenate([e, h_BJD.astype(dt)], axis=-1)
     u = cpu_matmul.dense(eh, calib["w1_packed"], calib["w1"].shape[1]) + calib["b1"].astype(dt)
-    delta = cpu_matmul.dense(jax.nn.silu(u).astype(jnp.float32), calib["w2_packed"], cfg.vocab_size)
-    return delta + calib["b2"].astype(jnp.float32)
+    return cpu_matmul.dense(jax.nn.silu(u).astype(jnp.float32), calib[f"{w2}_packed"],
+                            b2.shape[0]) + b2
+  u = jnp.concatenate([e, h_BJD.astype(dt)], axis=-1) @ calib["w1"].astype(dt) + calib["b1"].astype(dt)
+  delta = jnp.einsum("...R,RN->...N", jax.nn.silu(u), calib[w2].astype(dt),
+                     preferred_element_type=jnp.float32)
+  return delta + b2
   u = jnp.concatenate([e, h_BJD.astype(dt)], axis=-1) @ calib["w1"].astype(dt) + calib["b1"].astype(dt)
   delta = jnp.einsum("...R,RV->...V", jax.nn.silu(u), calib["w2"].astype(dt),
                      preferred_element_type=jnp.float32)

@@ -258,6 +258,10 @@ def check_draft(params, cfg: ModelConfig, dcfg: drafter.DrafterConfig):
   if rank != dcfg.calib_rank:
     raise ValueError(f"draft params have calibration rank {rank} but calib_rank = "
                      f"{dcfg.calib_rank}")
+  target = "hidden" if rank and "b2h" in draft["calib"] else "logits"
+  if rank and target != dcfg.calib_target:
+    raise ValueError(f"draft params calibrate the {target} but calib_target = "
+                     f"{dcfg.calib_target!r}")
 
 
 # ----------------------------------------------------------------------------

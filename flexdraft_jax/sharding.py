@@ -19,6 +19,7 @@ dimension that a mesh axis does not divide stays replicated on that axis
   norm scales, draft/mask               norm                         -
   calib w1 [2d, r], b1 [r]              norm, rank / rank            -
   calib w2 [r, V], b2 [V]               rank, vocab / vocab          -, tensor
+  calib w2h [r, d], b2h [d] (hidden)    rank, norm / norm            -
   train batch          [B, S] / [B, A]  batch, (seq)                 (data, fsdp), -
   KV cache k/v         [L, B, K, C, H]  layers, batch, kv_heads,     -, (data, fsdp), tensor,
                                         cache_len, head_dim          -, -
@@ -93,8 +94,10 @@ PARAM_AXES = (
     (r"calib/b1", ("rank",)),
     (r"calib/w2", ("rank", "vocab")),
     (r"calib/b2", ("vocab",)),
+    (r"calib/w2h", ("rank", "norm")),   # calib_target='hidden': a delta on the slot state
+    (r"calib/b2h", ("norm",)),
     # CPU decoding only (model.decoding_params / drafter.decoding_draft pack these).
-    (r"((qkv|o_proj|gate_up|down_proj|head_packed)/packed|calib/w[12]_packed)",
+    (r"((qkv|o_proj|gate_up|down_proj|head_packed)/packed|calib/w(1|2|2h)_packed)",
      ("panel", "panel_in", "panel_col")),
     (r"qkv/bias", ("panel",)),
 )

@@ -20,6 +20,7 @@ EXPORT_DTYPES = ("bfloat16", "float32")   # checkpoint.EXPORT_DTYPES
 RESPONSES = ("self", "original")          # data.RESPONSE_MODES
 LABELS = ("data", "target_argmax")        # training.LossConfig.labels
 KV_DTYPES = ("bfloat16", "float32")       # kv_data.DTYPES
+CALIB_TARGETS = ("logits", "hidden")      # drafter.CALIB_TARGETS
 MODES = ("train", "generate", "memory", "cache_kv")  # train.py --mode
 
 
@@ -165,6 +166,8 @@ def validate(config, mode: str = "train") -> None:
   for name, low in (("drafter.num_draft_layers", 1), ("drafter.block_size", 2),
                     ("drafter.calib_rank", 0)):
     _at_least(config, name, low)
+  if "calib_target" in config.drafter:
+    _one_of(config, "drafter.calib_target", CALIB_TARGETS)
   _one_of(config, "data.responses", RESPONSES)
   for name, low in (("data.num_prompts", 1), ("data.num_heldout_prompts", 0),
                     ("data.max_prompt_len", 1), ("data.max_response_len", 1),

@@ -576,9 +576,9 @@ def init_from_export(path, cfg: ModelConfig, dcfg: DrafterConfig, fingerprint: s
   the check `decode.py` makes) or with another drafter config or param tree than `dcfg`.
   """
   meta, loaded = ckpt_lib.load_drafter(path, target_arch(cfg), fingerprint)
-  ours = dcfg.to_dict()
-  diffs = [f"{k}={meta.get(k)!r}, this config has {v!r}" for k, v in ours.items()
-           if meta.get(k) != v]
+  theirs = {**DrafterConfig().to_dict(), **meta}  # exports older than a field have its default
+  diffs = [f"{k}={theirs.get(k)!r}, this config has {v!r}" for k, v in dcfg.to_dict().items()
+           if theirs.get(k) != v]
   if diffs:
     raise ckpt_lib.DrafterMismatchError(f"config.init_from={path}: the drafter was trained with "
                                         f"another drafter config: {'; '.join(diffs)}")

@@ -115,8 +115,9 @@ def loss_and_metrics(draft: Params, target: Params, batch: dict, *, cfg: ModelCo
   count = jnp.maximum(valid.sum((0, 1)), 1)
   metrics = {"ce": loss, "acc": (correct & valid).sum((0, 1)) / count, "valid_slots": valid.sum()}
   if "calib" in draft:
-    zc = z[:, :, 1:] + drafter_lib.calibration(params, cfg, h[:, :, 1:],
-                                               jnp.broadcast_to(labels[:, :, :1], labels[:, :, 1:].shape))
+    zc = drafter_lib.calibrated_logits(params, cfg, h[:, :, 1:],
+                                       jnp.broadcast_to(labels[:, :, :1], labels[:, :, 1:].shape),
+                                       z[:, :, 1:])
     cec = optax.softmax_cross_entropy_with_integer_labels(zc, labels[:, :, 1:])
     loss_c = (cec * w[:, :, 1:]).sum() / jnp.maximum(w[:, :, 1:].sum(), 1.0)
     loss = loss + lcfg.calib_weight * loss_c

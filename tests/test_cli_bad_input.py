@@ -35,6 +35,7 @@ BAD_FIELDS = [
     ("drafter.num_draft_layers", 0, "config.drafter.num_draft_layers must be an integer >= 1"),
     ("drafter.block_size", 1, "config.drafter.block_size must be an integer >= 2"),
     ("drafter.calib_rank", -1, "config.drafter.calib_rank must be an integer >= 0"),
+    ("drafter.calib_target", "both", "config.drafter.calib_target must be one of 'logits', 'hidden'"),
     ("data.responses", "bogus", "config.data.responses must be one of 'self', 'original'"),
     ("data.num_prompts", 0, "config.data.num_prompts must be an integer >= 1"),
     ("data.num_heldout_prompts", -1, "config.data.num_heldout_prompts must be an integer >= 0"),

@@ -50,7 +50,8 @@ def noisy_drafter(cfg, dcfg, target, seed, noise=0.3):
   jitter = lambda a: a + noise * jnp.std(a) * jax.random.normal(next(keys), a.shape)
   draft["layers"] = jax.tree.map(jitter, draft["layers"])
   if "calib" in draft:
-    draft["calib"]["w2"] = 0.5 * jax.random.normal(next(keys), draft["calib"]["w2"].shape)
+    w2 = "w2h" if "w2h" in draft["calib"] else "w2"
+    draft["calib"][w2] = 0.5 * jax.random.normal(next(keys), draft["calib"][w2].shape)
   return draft
 
 
@@ -173,6 +174,21 @@ def test_greedy_lossless_random_drafter(greedy_setup, mode, batch, family, strat
   assert batch == 1 or min(len(w) for w in want) < M, "no row stopped mid-run"
   assert {k for k, n in summary["modes"].items() if n} == USED[mode]
   assert mode != "ar" or summary["tau"] == 1.0
+
+
+def test_hidden_state_calibration_is_lossless(greedy_setup, tiny_model):
+  """calib_target='hidden' (a slot-state delta through the LM head; packed for the CPU
+  kernel where it is on): parallel decoding, which uses the calibrated drafts, stays AR's."""
+  cfg, params, prompts, ar, stops = greedy_setup["llama"]
+  dcfg = dataclasses.replace(DCFG, calib_target="hidden")
+  draft = noisy_drafter(cfg, dcfg, tiny_model("llama")[1], seed=3)
+  assert draft["calib"]["w2h"].shape == (dcfg.calib_rank, cfg.hidden_size)
+  params = {**params, "draft": drafter.decoding_draft(draft, jax.default_backend() == "cpu")}
+  got, summary = run_flex(cfg, params, prompts, case_config("parallel", "cumulative_product"),
+                          stops, dcfg=dcfg)
+  want = [r[:r.index(s[0]) + 1] if s[0] in r else r for r, s in zip(ar, stops)]
+  near_ties(cfg, params["target"], prompts, want, got)
+  assert summary["modes"]["parallel"] == summary["steps"]
 
 
 def test_mixed_pass_clean_part_is_the_target(greedy_setup):
@@ -515,7 +531,8 @@ def test_draft_params_must_match_config(bigram):
   cfg, params = bigram
   fcfg = flex.FlexConfig(max_new_tokens=4)
   for dcfg, match in ((dataclasses.replace(DCFG, num_draft_layers=2), "draft layers"),
-                      (dataclasses.replace(DCFG, calib_rank=16), "calibration rank")):
+                      (dataclasses.replace(DCFG, calib_rank=16), "calibration rank"),
+                      (dataclasses.replace(DCFG, calib_target="hidden"), "calibrate the logits")):
     with pytest.raises(ValueError, match=match):
       run_flex(cfg, params, [[1, 2]], fcfg, dcfg=dcfg)
 

@@ -94,6 +94,25 @@ def test_mask_slots_leave_clean_logits_alone_and_match_training(tiny, unroll):
   np.testing.assert_allclose(h_pk, h_tr, atol=1e-5)
 
 
+def test_hidden_state_calibration_starts_as_identity_and_learns(tiny):
+  """calib_target='hidden': zero output layer = the raw logits; its delta gets a gradient."""
+  cfg, _, target, _ = tiny
+  dcfg = drafter.DrafterConfig(num_draft_layers=2, block_size=4, calib_rank=8, calib_target="hidden")
+  draft = drafter.init_draft(cfg, dcfg, target, jax.random.key(2))
+  assert set(draft["calib"]) == {"w1", "b1", "w2h", "b2h"}
+  params = {"target": target, "draft": draft}
+  h = jax.random.normal(jax.random.key(4), (2, 3, cfg.hidden_size))
+  bonus = jnp.array([[1, 2, 3], [4, 5, 6]])
+  np.testing.assert_allclose(drafter.slot_logits(params, cfg, h, bonus),
+                             drafter.slot_logits(params, cfg, h), rtol=1e-6, atol=1e-6)
+  grads = jax.grad(lambda d: training.loss_and_metrics(
+      d, target, _batch(), cfg=cfg, dcfg=dcfg, lcfg=training.LossConfig())[0])(draft)
+  assert float(jnp.abs(grads["calib"]["w2h"]).max()) > 0
+  specs = sharding.param_shardings({"target": target, "draft": draft},
+                                   sharding.make_mesh((1, 1, 1)))
+  assert "w2h" in specs["draft"]["calib"]
+
+
 def test_every_path_is_labelled_and_unknown_paths_fail(tiny):
   cfg, dcfg, target, draft = tiny
   labels = training.label_params({"target": target, "draft": draft})
