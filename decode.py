@@ -177,7 +177,7 @@ def main(argv):
         print(f">>> {chunk[0]}\n")
       out, _ = engine.generate(chunk, max_new_tokens=_MAX_NEW.value, batch_size=batch,
                                sampling=sampling, seed=_SEED.value, on_token=printer, flex=flex,
-                               stats=stats)
+                               stats=stats, progress=printer is None and len(chunk) > batch)
       results += out
       if printer:
         print("\n")

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+import tqdm
 
 from flexdraft_jax import checkpoint
 from flexdraft_jax import cost_cache
@@ -213,7 +214,8 @@ class Engine:
                on_token: Callable | None = None,
                flex: flex_lib.FlexConfig | None = None,
                prompt_bucket: int = PROMPT_BUCKET,
-               stats: Stats | None = None) -> tuple[list[Completion], Stats]:
+               stats: Stats | None = None,
+               progress: bool = False) -> tuple[list[Completion], Stats]:
     """Generates for all prompts, `batch_size` rows at a time.
 
     `flex` (needs a drafter) decodes speculatively in its mode; its
@@ -221,6 +223,7 @@ class Engine:
     right-padded to a multiple of `prompt_bucket`, and each padded length
     compiles once: a bucket at the longest prompt length means one compile.
     Pass `stats` to add this call's counts to it (it is also returned).
+    `progress` shows a bar over the prompts (with ETA) on stderr.
     """
     if flex is not None and flex.mode != "ar" and self.draft is None:
       raise ValueError(f"mode {flex.mode!r} needs a drafter (Engine(..., drafter=PATH))")
@@ -236,6 +239,8 @@ class Engine:
                                -(-longest // prompt_bucket) * prompt_bucket)
     key = jax.random.key(seed)
     out = []
+    bar = tqdm.tqdm(total=len(ids), unit="prompt", file=sys.stderr, disable=not progress,
+                    desc="decode")
     for start in range(0, len(ids), batch_size):
       chunk = ids[start:start + batch_size]
       chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # a short last batch repeats a row
@@ -265,6 +270,8 @@ class Engine:
         toks = tokens[row, :num_new[row]].tolist()
         stats.new_tokens += len(toks)
         out.append(Completion(prompt=prompt, text=self.decode(toks), token_ids=toks))
+      bar.update(real)
+    bar.close()
     return out, stats
 
   def _check_prefill_memory(self, batch: int, width: int) -> None:
