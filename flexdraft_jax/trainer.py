@@ -402,14 +402,18 @@ def kv_stores(config, cfg, dcfg, fingerprint, paths) -> dict:
 
 def cache_kv(config, workdir) -> None:
   """`--mode=cache_kv`: caches the deep layers' clean K/V of the train split (and the held-out
-  split when evaluating) for offline mode, after extracting config.data.archive; resumable."""
+  split when evaluating) for offline mode, after extracting config.data.archive (or building
+  the data, with data.generate_if_missing); resumable."""
   if jax.process_count() > 1:
     raise ValueError("caching K/V needs a single process: run train.py --mode=cache_kv without "
                      "--multihost first, into a directory every host can read")
-  extract_data(config, workdir)
   cfg, target = load_target(config)
   dcfg = drafter_config(config, cfg)
   fingerprint = ckpt_lib.target_fingerprint(target_arch(cfg), target)
+  if config.data.generate_if_missing:  # extracts config.data.archive first
+    generate_data(config, workdir, (cfg, target), fingerprint)
+  else:
+    extract_data(config, workdir)
   train_dir, heldout_dir = data_dirs(config, workdir)
   for path in (train_dir, heldout_dir) if config.eval_every else (train_dir,):
     if not (path / "meta.json").exists():
