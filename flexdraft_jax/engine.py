@@ -216,7 +216,8 @@ class Engine:
                prompt_bucket: int = PROMPT_BUCKET,
                stats: Stats | None = None,
                progress: bool = False) -> tuple[list[Completion], Stats]:
-    """Generates for all prompts, `batch_size` rows at a time.
+    """Generates for all prompts, `batch_size` rows at a time, in batches of similar prompt
+    lengths (sorted; results come back in the given order).
 
     `flex` (needs a drafter) decodes speculatively in its mode; its
     max_new_tokens and sampling are taken from the arguments here. Prompts are
@@ -237,6 +238,11 @@ class Engine:
     room = max_new_tokens + (2 * self.dcfg.block_size if flex else 0)
     self._check_prefill_memory(min(batch_size, len(ids)) if self.mesh is None else 0,
                                -(-longest // prompt_bucket) * prompt_bucket)
+    # Batches of similar lengths: a batch pads to its longest prompt, so unsorted ragged
+    # prompts (ShareGPT: 55 tokens median, 5.9k max) would mostly compute padding. Streaming
+    # (`on_token`, row 0 of each batch) keeps the given order.
+    order = list(range(len(ids))) if on_token else sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    prompts, ids = [prompts[i] for i in order], [ids[i] for i in order]
     key = jax.random.key(seed)
     out = []
     bar = tqdm.tqdm(total=len(ids), unit="prompt", file=sys.stderr, disable=not progress,
@@ -272,7 +278,10 @@ class Engine:
         out.append(Completion(prompt=prompt, text=self.decode(toks), token_ids=toks))
       bar.update(real)
     bar.close()
-    return out, stats
+    unsorted = [None] * len(out)
+    for i, completion in zip(order, out):
+      unsorted[i] = completion
+    return unsorted, stats
 
   def _check_prefill_memory(self, batch: int, width: int) -> None:
     """ValueError when the prefill's largest buffers would not fit in memory.

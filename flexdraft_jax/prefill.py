@@ -20,6 +20,10 @@ longest *actual* prompt, not the padded width W, bounds the work, and a batch
 of short prompts next to one long one costs B * C per chunk, not B * W^2 per
 layer. The last chunk may overlap the one before it (s_i = W - C) when C does
 not divide W; the overlapped positions are recomputed to the same values.
+`Engine.generate` also sorts prompts by length before it cuts them into batches
+(completions come back in the given order), so a batch's rows are of similar
+lengths: the 390 held-out ShareGPT prompts (78.7k tokens) at batch 8 pad to 122k
+tokens in 11 distinct widths (compiles) sorted, against 295k in 19 in file order.
 
 `prefill` is the AR loop's (`generate.generate`); `flex_prefill` is FlexDraft's:
 the clean chunks, then one block of mask slots anchored at each row's last

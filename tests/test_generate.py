@@ -263,3 +263,21 @@ def test_smollm2_greedy_matches_transformers(smollm2, hf_smollm2, mtbench_prompt
       ref = ref[:ref.index(SMOLLM2_EOS) + 1]
     assert ours.row(b) == ref, f"prompt {b}"
     assert ref[-1] == SMOLLM2_EOS or len(ref) == SMOLLM2_NEW
+
+
+def test_engine_batches_by_length_and_returns_the_given_order():
+  """Engine.generate sorts prompts into batches of similar lengths (less padding) and gives
+  the completions back in the input order, each equal to that prompt decoded alone."""
+  from flexdraft_jax import engine, resources
+  from flexdraft_jax.model_config import ModelConfig
+  cfg = ModelConfig(family="llama", vocab_size=49152, hidden_size=16, intermediate_size=32,
+                    num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, max_position=256,
+                    tie_embeddings=True)
+  e = engine.Engine("random", target=(cfg, model_lib.init_params(cfg, jax.random.key(0))),
+                    tokenizer=resources.SMOLLM2_NAME, chat_template=False, costs="none")
+  prompts = ["word " * 40, "a", "b c " * 20, "x y", "w " * 5]
+  out, stats = e.generate(prompts, max_new_tokens=4, batch_size=2)
+  assert [c.prompt for c in out] == prompts and stats.new_tokens == 4 * len(prompts)
+  for p, c in zip(prompts, out):
+    alone, _ = e.generate([p], max_new_tokens=4, batch_size=1)
+    assert alone[0].token_ids == c.token_ids, p
