@@ -5,7 +5,8 @@
 #   call 1, carry [.whl, .h200a]:  bash scripts/h200/run.sh setup
 #   call 2, carry [.h200b]:        GEN_S=.. TRAIN_S=.. BENCH_S=.. bash scripts/h200/run.sh main
 # (H200_DATA=<dir> if the carried folders are not in the current directory.)
-# A CPU proof of `main` with tiny budgets (no device; f32, which XLA:CPU runs faster):
+# A CPU proof of `main` with tiny budgets (no device; f32, which XLA:CPU runs faster;
+# not yet run end to end, 2026-12-03):
 #   python scripts/h200/prepare.py && cp .h200a/model.part0 /tmp/model.part0
 #   DTYPE=float32 GEN_S=60 TRAIN_S=30 STEPS=3 TRAIN_BATCH=2 GEN_BATCH=4 BENCH_S=900 \
 #     BENCH_PROMPTS=2 BENCH_NEW=8 BENCH_BATCHES=1 OUT=/tmp/h200_proof bash scripts/h200/run.sh main
