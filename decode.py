@@ -210,5 +210,7 @@ def main(argv):
           f"speedup over AR: {ar_stats.decode_s / stats.decode_s:.2f}x (same prompts, this run, "
           f"compile excluded){same}]", file=sys.stderr)
 
+_parse_flags, _main = cli.wrap(main, "decode.py")  # tests/cli_runner.py calls these in process
+
 if __name__ == "__main__":
-  cli.run(main, "decode.py")
+  app.run(_main, flags_parser=_parse_flags)

@@ -109,6 +109,10 @@ def _unknown_override(error, argv):
   return train_config.unknown_override(error, argv)
 
 
+# ml_collections raises AttributeError/KeyError for a --config.KEY that does not exist.
+# tests/cli_runner.py calls these two in process.
+_parse_flags, _main = cli.wrap(main, "train.py",
+                               parse_error=((AttributeError, KeyError), _unknown_override))
+
 if __name__ == "__main__":
-  # ml_collections raises AttributeError/KeyError for a --config.KEY that does not exist.
-  cli.run(main, "train.py", parse_error=((AttributeError, KeyError), _unknown_override))
+  app.run(_main, flags_parser=_parse_flags)

@@ -1,6 +1,7 @@
 """absl plumbing shared by the CLIs: every usage error is one line on stderr, exit code 2.
 
-  cli.run(main, "decode.py")
+  _parse_flags, _main = cli.wrap(main, "decode.py")
+  app.run(_main, flags_parser=_parse_flags)       # or: cli.run(main, "decode.py")
 
 Imports absl only, so a CLI can reject bad flags before it imports jax.
 """
@@ -19,11 +20,12 @@ def usage_error(prog: str, message: str, exitcode: int = 2):
   sys.exit(exitcode)
 
 
-def run(main: Callable, prog: str, *,
-        parse_error: tuple[type[Exception], Callable[[Exception, list], str | None]] | None = None):
-  """`app.run(main)`, with a bad flag value (absl's flags.Error), an `app.UsageError` from
-  main, and `parse_error`'s exception types raised while parsing (turned into a message by
-  its function, e.g. ml_collections' unknown --config.KEY) each printed as one line."""
+def wrap(main: Callable, prog: str, *,
+         parse_error: tuple[type[Exception], Callable[[Exception, list], str | None]] | None = None):
+  """(flags_parser, main) for `app.run`: a bad flag value (absl's flags.Error), an
+  `app.UsageError` from main, and `parse_error`'s exception types raised while parsing
+  (turned into a message by its function, e.g. ml_collections' unknown --config.KEY) are
+  each printed as one line."""
   def parse(argv):
     try:
       return flags.FLAGS(argv)
@@ -40,4 +42,10 @@ def run(main: Callable, prog: str, *,
     except app.UsageError as e:
       usage_error(prog, str(e), e.exitcode)
 
+  return parse, guarded
+
+
+def run(main: Callable, prog: str, **kwargs):
+  """`app.run(main)` with `wrap`'s one-line usage errors."""
+  parse, guarded = wrap(main, prog, **kwargs)
   app.run(guarded, flags_parser=parse)
