@@ -78,6 +78,13 @@ def _committed_index(path: pathlib.Path, meta: dict) -> np.ndarray:
   return index
 
 
+def write_json_atomic(path: pathlib.Path, obj: dict) -> None:
+  """Writes `obj` to `path` through a temporary file and a rename (a commit point)."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
+  os.replace(tmp, path)
+
+
 def _append(path: pathlib.Path, array: np.ndarray) -> None:
   with open(path, "ab") as f:
     f.write(array.tobytes())
@@ -127,9 +134,7 @@ def write_rows(out_dir: str | pathlib.Path, rows: Iterable[tuple[Sequence[int], 
   meta["skipped"] += skipped
   meta["prompts_done"] = meta["rows"] + meta["skipped"]
   meta["tokens"] = int(ends[-1]) if len(ends) else end
-  tmp = out / f"{_META}.tmp"
-  tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-  os.replace(tmp, out / _META)
+  write_json_atomic(out / _META, meta)
   return meta
 
 
@@ -209,9 +214,7 @@ def extract_archive(path: str | pathlib.Path, split: str, out_dir: str | pathlib
   for name, array in ((_TOKENS, tokens.astype("<i4")), (_INDEX, index.astype("<i8"))):
     with open(out / name, "wb") as f:
       f.write(array.tobytes())
-  tmp = out / f"{_META}.tmp"
-  tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-  os.replace(tmp, out / _META)
+  write_json_atomic(out / _META, meta)
   _committed_index(out, meta)  # the same checks as a built dataset
   return meta
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import pathlib
 import shutil
 import sys
@@ -156,9 +155,7 @@ def build(data_dir, cfg: ModelConfig, target, dcfg: DrafterConfig, fingerprint: 
       bar.update(int(lens.sum()))
     data_lib._append(data_dir / _KV, np.concatenate(out))
     meta["rows"] = start + len(rows)
-    tmp = data_dir / f"{_KV_META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    os.replace(tmp, data_dir / _KV_META)
+    data_lib.write_json_atomic(data_dir / _KV_META, meta)
   bar.close()
   if progress and todo:
     dt = time.perf_counter() - t0

@@ -294,6 +294,20 @@ def extract_data(config, workdir) -> None:
     multihost_utils.sync_global_devices("extract_data")
 
 
+def checked_datasets(config, workdir, fingerprint: str) -> tuple[pathlib.Path, ...]:
+  """The data dirs a run reads (train, and held-out when evaluating), each checked to be a
+  built dataset of this target; DatasetError naming the one that is not."""
+  train_dir, heldout_dir = data_dirs(config, workdir)
+  paths = (train_dir, heldout_dir) if config.eval_every else (train_dir,)
+  for path in paths:
+    if not (path / "meta.json").exists():
+      raise data_lib.DatasetError(
+          f"no dataset at {path}; build it first: python train.py --mode=generate "
+          f"--config=<this config> --workdir={workdir}")
+    _check_dataset(path, fingerprint, config)
+  return paths
+
+
 def _check_dataset(path: pathlib.Path, fingerprint: str, config) -> None:
   meta = data_lib.TokenDataset(path).meta
   if meta.get("fingerprint") not in (None, fingerprint):
@@ -414,12 +428,7 @@ def cache_kv(config, workdir) -> None:
     generate_data(config, workdir, (cfg, target), fingerprint)
   else:
     extract_data(config, workdir)
-  train_dir, heldout_dir = data_dirs(config, workdir)
-  for path in (train_dir, heldout_dir) if config.eval_every else (train_dir,):
-    if not (path / "meta.json").exists():
-      raise data_lib.DatasetError(f"no dataset at {path}; build it first: python train.py "
-                                  f"--mode=generate --config=<this config> --workdir={workdir}")
-    _check_dataset(path, fingerprint, config)
+  for path in checked_datasets(config, workdir, fingerprint):
     kv_data.build(path, cfg, target, dcfg, fingerprint, dtype=config.data.kv_dtype)
 
 
@@ -487,14 +496,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     generate_data(config, workdir, (cfg, target), fingerprint)
   else:
     extract_data(config, workdir)
-  for path in (train_dir, heldout_dir) if config.eval_every else (train_dir,):
-    if not (path / "meta.json").exists():
-      raise data_lib.DatasetError(
-          f"no dataset at {path}; build it first: python train.py --mode=generate "
-          f"--config=<this config> --workdir={workdir}")
-    _check_dataset(path, fingerprint, config)
   stores = kv_stores(config, cfg, dcfg, fingerprint,
-                     (train_dir, heldout_dir) if config.eval_every else (train_dir,))
+                     checked_datasets(config, workdir, fingerprint))
 
   tx = training.make_optimizer(ocfg, {"target": target, "draft": draft})
   state = training.init_state(tx, target, draft)
