@@ -150,7 +150,7 @@ def run(opts: Options) -> dict[str, Any]:
   if hf_ref is not None:
     result["header"]["torch_num_threads"] = hf_ref.num_threads
   for b in opts.batch_sizes:
-    groups = make_groups(prompt_ids, b)
+    groups = make_groups(prompt_ids, b, opts.group_by_length)
     ours = {}
     for mode in dict.fromkeys(("ar",) + opts.modes):
       logging.info("%s: batch %d, %d group(s)", mode, b, len(groups))

@@ -23,6 +23,9 @@ _UNROLL = flags.DEFINE_bool(
 _PROMPTS = flags.DEFINE_string("prompts", "mtbench",
                                "mtbench, sharegpt-heldout, or a path to a .jsonl prompt file.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 8, "Prompts used (the first ones of the set).")
+_GROUP_BY_LENGTH = flags.DEFINE_bool(
+    "group_by_length", False, "Sort the prompts by length before cutting them into batches "
+    "(as Engine.generate does); default: batches of consecutive prompts.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per prompt (at most).")
 _MODES = flags.DEFINE_list("modes", ["ar"], "Decoding modes to time; known: ar, parallel, "
                            "sequential, flex, pld (ar always runs, as the reference).")
@@ -78,6 +81,7 @@ class Options:
   unroll_layers: bool | None = None  # None: on CPU only
   prompts: str = "mtbench"
   num_prompts: int = 8
+  group_by_length: bool = False
   max_new_tokens: int = 64
   modes: tuple[str, ...] = ("ar",)
   drafter: str | None = None         # None: a random drafter, exported to out_dir
@@ -142,7 +146,8 @@ def options_from_flags() -> Options:
   return Options(
       model=_MODEL.value, dtype=None if _DTYPE.value == "auto" else _DTYPE.value,
       unroll_layers=_UNROLL.value,
-      prompts=_PROMPTS.value, num_prompts=_NUM_PROMPTS.value, max_new_tokens=_MAX_NEW.value,
+      prompts=_PROMPTS.value, num_prompts=_NUM_PROMPTS.value,
+      group_by_length=_GROUP_BY_LENGTH.value, max_new_tokens=_MAX_NEW.value,
       modes=tuple(m.strip() for m in _MODES.value), drafter=_DRAFTER.value,
       random_drafter_layers=_RANDOM_LAYERS.value, block_size=_BLOCK_SIZE.value,
       no_calibration=_NO_CALIB.value,
