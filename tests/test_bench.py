@@ -271,3 +271,10 @@ def test_check_ties_separates_near_ties_from_real_divergences(monkeypatch):
   assert ties.check_ties(work, [prompt], [ar], [wrong]) == (0, 1)
   monkeypatch.setitem(ties.TIE_EPS, "float32", 1e9)  # every margin is "within eps" now
   assert ties.check_ties(work, [prompt], [ar], [wrong]) == (1, 0)
+
+
+def test_groups_by_length_are_longest_first_and_leave_out_the_shortest():
+  from flexdraft_jax.bench.workload import make_groups
+  ids = [[0] * n for n in (3, 9, 1, 7, 5)]
+  assert [[len(r) for r in g] for g in make_groups(ids, 2)] == [[3, 9], [1, 7]]
+  assert [[len(r) for r in g] for g in make_groups(ids, 2, by_length=True)] == [[9, 7], [5, 3]]
