@@ -162,7 +162,7 @@ def load_acceptance(drafter_dir) -> tuple[planner.AcceptanceModel, str] | None:
 # ----------------------------------------------------------------------------
 def measure_step_ms(params, cfg, dcfg, batch: int, *, context: int = CONTEXT,
                     acceptance: planner.AcceptanceModel | None = None,
-                    progress=None) -> np.ndarray:
+                    progress=None, min_seconds: float = MIN_SECONDS) -> np.ndarray:
   """[len(KINDS), len(widths)] ms of one loop step per kind and verify width, inf where a
   kind has no step of that width, for `batch` rows at `context` cached tokens.
 
@@ -171,7 +171,8 @@ def measure_step_ms(params, cfg, dcfg, batch: int, *, context: int = CONTEXT,
   `acceptance`, a kind's widths are measured narrowest first and the rest are skipped
   (inf) once even the kind's widest steady state at this cost, tokens / ms, cannot beat
   ar by planner.MARGIN: the costs only grow with the width. On a machine where nothing
-  speculative pays, that is a handful of compiles instead of one per branch.
+  speculative pays, that is a handful of compiles instead of one per branch. Each width
+  gets MIN_ROUNDS..MAX_ROUNDS rounds, and more than `min_seconds` of them where that fits.
   """
   bs = dcfg.block_size
   fcfg = flex_lib.FlexConfig(mode="flex", max_new_tokens=2 * bs)
@@ -206,7 +207,7 @@ def measure_step_ms(params, cfg, dcfg, batch: int, *, context: int = CONTEXT,
     for width in planner.kind_widths(kind, widths):
       call(kind, width)  # compiles
       ratios, spent = [], 0.0
-      while len(ratios) < MAX_ROUNDS and (len(ratios) < MIN_ROUNDS or spent < MIN_SECONDS):
+      while len(ratios) < MAX_ROUNDS and (len(ratios) < MIN_ROUNDS or spent < min_seconds):
         t_ar, t_k = call(planner.AR, 1), call(kind, width)
         ratios.append(t_k / t_ar)
         spent += t_ar + t_k
