@@ -31,9 +31,13 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-test.txt
 TESTS_B := tests/test_prefill.py tests/test_prompts.py tests/test_tokenizer.py \
   tests/test_training.py tests/test_weights_errors.py tests/test_weights_sharded.py \
   tests/test_kv_data.py
+# Each process runs its files on TEST_WORKERS pytest-xdist workers (whole files per worker,
+# so module fixtures are built once); most of the suite is XLA compiles, which use one core.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 test: $(STAMP) $(KERNEL)
-	$(PY) -m pytest -q --durations=15 tests $(addprefix --ignore=,$(TESTS_B))
-	$(PY) -m pytest -q --durations=15 $(TESTS_B)
+	$(PYTEST) tests $(addprefix --ignore=,$(TESTS_B))
+	$(PYTEST) $(TESTS_B)
 
 demo: $(STAMP) $(KERNEL)
 	$(PY) decode.py --prompts_file=mtbench --num_prompts=3 --batch_size=1 --max_new_tokens=128 \
