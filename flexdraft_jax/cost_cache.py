@@ -172,7 +172,7 @@ def measure_step_ms(params, cfg, dcfg, batch: int, *, context: int = CONTEXT,
   (inf) once even the kind's widest steady state at this cost, tokens / ms, cannot beat
   ar by planner.MARGIN: the costs only grow with the width. On a machine where nothing
   speculative pays, that is a handful of compiles instead of one per branch. Each width
-  gets MIN_ROUNDS..MAX_ROUNDS rounds, and more than `min_seconds` of them where that fits.
+  gets at least MIN_ROUNDS rounds, more until `min_seconds` are spent, at most MAX_ROUNDS.
   """
   bs = dcfg.block_size
   fcfg = flex_lib.FlexConfig(mode="flex", max_new_tokens=2 * bs)

@@ -24,8 +24,8 @@ _PROMPTS = flags.DEFINE_string("prompts", "mtbench",
                                "mtbench, sharegpt-heldout, or a path to a .jsonl prompt file.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 8, "Prompts used (the first ones of the set).")
 _GROUP_BY_LENGTH = flags.DEFINE_bool(
-    "group_by_length", False, "Sort the prompts by length before cutting them into batches "
-    "(as Engine.generate does); default: batches of consecutive prompts.")
+    "group_by_length", False, "Sort the prompts by length, longest first, before cutting them into "
+    "batches (as Engine.generate groups them); default: batches of consecutive prompts.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per prompt (at most).")
 _MODES = flags.DEFINE_list("modes", ["ar"], "Decoding modes to time; known: ar, parallel, "
                            "sequential, flex, pld (ar always runs, as the reference).")

@@ -99,9 +99,9 @@ def median_wall(call: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 def make_groups(prompt_ids: list[list[int]], b: int, by_length: bool = False) -> Groups:
   """The prompts cut into consecutive groups of b (a short last group is left out).
 
-  `by_length`: sorted longest first (stable), as `Engine.generate` batches them, so a
-  group pads to a width near its own rows' lengths; the prompts left out are then the
-  shortest, never the long ones."""
+  `by_length`: sorted by length first, as `Engine.generate` batches them, so a group pads
+  to a width near its own rows' lengths; but longest first (Engine: shortest first), so
+  that the prompts left out are the shortest, never the long ones."""
   if by_length:
     prompt_ids = sorted(prompt_ids, key=len, reverse=True)
   n = len(prompt_ids) // b
