@@ -35,6 +35,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 PANEL = 16  # columns per packed panel (csrc/cpu_matmul.cc: kPanel)
 # Rows up to which the kernel serves a matmul. From python -m flexdraft_jax.matmul_bench
@@ -46,6 +47,7 @@ LIBRARY = pathlib.Path(__file__).parent / "_cpu" / "libflexdraft_matmul.so"
 _TARGETS = {jnp.float32: ("flexdraft_matmul_f32", "FlexdraftMatmulF32"),
             jnp.float16: ("flexdraft_matmul_f16", "FlexdraftMatmulF16")}
 MODES = ("auto", "kernel", "xla")
+ABI = 2  # the handlers' operands (x, w, layer): csrc/cpu_matmul.cc flexdraft_matmul_abi
 
 
 class KernelUnavailableError(RuntimeError):
@@ -96,6 +98,8 @@ def _open(path: str):
     lib = ctypes.CDLL(path)
     handlers = {name: jax.ffi.pycapsule(getattr(lib, symbol)) for name, symbol in _TARGETS.values()}
     lib.flexdraft_matmul_configure  # pylint: disable=pointless-statement
+    if lib.flexdraft_matmul_abi() != ABI:
+      return None
   except (OSError, AttributeError):  # missing, or built from another version of the source
     return None
   for name, handler in handlers.items():
@@ -162,16 +166,17 @@ def enabled() -> bool:
 # Packing
 # ----------------------------------------------------------------------------
 def pack(w_KN: jax.Array, dtype=None) -> jax.Array:
-  """[K, N] -> panels [ceil(N/16), K, 16] (columns past N are zero)."""
+  """[..., K, N] -> panels [..., ceil(N/16), K, 16] (columns past N are zero). A stack of
+  weights ([L, K, N], a scan's layers) packs each one."""
   dtype = weight_dtype() if dtype is None else dtype
-  k, n = w_KN.shape
+  *lead, k, n = w_KN.shape
   p = -(-n // PANEL)
-  w = jnp.pad(w_KN, ((0, 0), (0, p * PANEL - n)))
-  return jnp.transpose(w.reshape(k, p, PANEL), (1, 0, 2)).astype(dtype)
+  w = jnp.pad(w_KN, [(0, 0)] * len(lead) + [(0, 0), (0, p * PANEL - n)])
+  return jnp.moveaxis(w.reshape(*lead, k, p, PANEL), -2, -3).astype(dtype)
 
 
 def unpack(packed_PKC: jax.Array, n: int) -> jax.Array:
-  """Inverse of `pack`: [K, n] (in the packed dtype)."""
+  """Inverse of `pack` for one weight: [K, n] (in the packed dtype)."""
   p, k, c = packed_PKC.shape
   return jnp.transpose(packed_PKC, (1, 0, 2)).reshape(k, p * c)[:, :n]
 
@@ -185,22 +190,31 @@ def require_library() -> None:
     raise KernelUnavailableError(f"{library_path()} cannot be loaded; build it with `make install`")
 
 
-def kernel_matmul(x_TK: jax.Array, packed_PKC: jax.Array, n: int) -> jax.Array:
-  """x [T, K] f32 @ packed weight -> [T, n] f32 via the FFI kernel (no fallback)."""
+def kernel_matmul(x_TK: jax.Array, packed: jax.Array, n: int, layer=None) -> jax.Array:
+  """x [T, K] f32 @ packed weight -> [T, n] f32 via the FFI kernel (no fallback).
+
+  `packed` is one weight [P, K, 16], or a stack [L, P, K, 16] with `layer` (an int or a
+  traced scalar) picking one: the kernel reads that layer's panels in place.
+  """
   require_library()
-  target, _ = _TARGETS.get(jnp.dtype(packed_PKC.dtype).type, (None, None))
+  target, _ = _TARGETS.get(jnp.dtype(packed.dtype).type, (None, None))
   if target is None:
-    raise TypeError(f"packed weights must be float32 or float16, got {packed_PKC.dtype}")
-  if x_TK.ndim != 2 or x_TK.shape[1] != packed_PKC.shape[1]:
-    raise ValueError(f"x {x_TK.shape} does not match packed weights {packed_PKC.shape}")
+    raise TypeError(f"packed weights must be float32 or float16, got {packed.dtype}")
+  if packed.ndim not in (3, 4) or (packed.ndim == 4) != (layer is not None):
+    raise ValueError(f"packed weights {packed.shape} want a layer index exactly when stacked "
+                     f"(4-D), got layer={layer}")
+  if x_TK.ndim != 2 or x_TK.shape[1] != packed.shape[-2]:
+    raise ValueError(f"x {x_TK.shape} does not match packed weights {packed.shape}")
   out = jax.ShapeDtypeStruct((x_TK.shape[0], n), jnp.float32)
+  index = jnp.asarray(0 if layer is None else layer, jnp.int32)
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-      x_TK.astype(jnp.float32), packed_PKC)
+      x_TK.astype(jnp.float32), packed, index)
 
 
-def dense(x: jax.Array, packed_PKC: jax.Array, n: int) -> jax.Array:
+def dense(x: jax.Array, packed: jax.Array, n: int, layer=None) -> jax.Array:
   """x [..., K] @ w [K, n] with w packed (`pack`): [..., n] in x's dtype.
 
+  `packed` may be a stack [L, P, K, 16] with `layer` picking one (`kernel_matmul`).
   The kernel when it is on and the rows (product of x's leading axes, static)
   are at most `max_rows()`; an XLA dot on the unpacked weight otherwise.
   """
@@ -209,8 +223,9 @@ def dense(x: jax.Array, packed_PKC: jax.Array, n: int) -> jax.Array:
   for d in lead:
     rows *= d
   if 0 < rows <= max_rows() and enabled():
-    y = kernel_matmul(x.reshape(rows, k), packed_PKC, n)
+    y = kernel_matmul(x.reshape(rows, k), packed, n, layer)
   else:
-    w = unpack(packed_PKC, n).astype(jnp.float32)
+    one = packed if layer is None else lax.dynamic_index_in_dim(packed, layer, keepdims=False)
+    w = unpack(one, n).astype(jnp.float32)
     y = jnp.dot(x.reshape(rows, k).astype(jnp.float32), w, preferred_element_type=jnp.float32)
   return y.reshape(*lead, n).astype(x.dtype)

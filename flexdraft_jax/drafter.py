@@ -158,22 +158,22 @@ def draft_shapes(cfg: ModelConfig, dcfg: DrafterConfig) -> Params:
 def decoding_draft(draft: Params, unroll: bool, pack: bool | None = None) -> Params:
   """Draft params laid out like `model.decoding_params` lays out the target's.
 
-  `pack` (default: unrolled, f32 and `cpu_matmul.enabled()`, as for the
-  target) packs the projectors and the calibration MLP for the CPU kernel.
+  `pack` (default: f32 and `cpu_matmul.enabled()`, as for the target) packs the
+  projectors and the calibration MLP for the CPU kernel.
   """
   if unroll and not isinstance(draft["layers"], tuple):
     k = jax.tree.leaves(draft["layers"])[0].shape[0]
     draft = {**draft, "layers": tuple(model_lib.layer_slice(draft["layers"], i) for i in range(k))}
   if pack is None:
-    pack = unroll and model_lib.can_pack(draft) and cpu_matmul.enabled()
+    pack = model_lib.can_pack(draft) and cpu_matmul.enabled()
   return pack_draft(draft) if pack else draft
 
 
 def pack_draft(draft: Params) -> Params:
-  """Unrolled draft params -> the CPU kernel's packed layout (module docstring)."""
-  if not isinstance(draft["layers"], tuple):
-    raise ValueError("packing needs unrolled draft layers (decoding_draft with unroll=True)")
-  out = {**draft, "layers": tuple(model_lib.pack_attention(a) for a in draft["layers"])}
+  """Draft params (unrolled or stacked layers) -> the CPU kernel's packed layout."""
+  layers = draft["layers"]
+  out = {**draft, "layers": (tuple(model_lib.pack_attention(a) for a in layers)
+                             if isinstance(layers, tuple) else model_lib.pack_attention(layers))}
   if "calib" in draft and not any(k.endswith("_packed") for k in draft["calib"]):
     calib, w2 = draft["calib"], _calib_out(draft["calib"])
     # w1 stays: flex reads the rank from its shape. w2 [r, V] (or w2h) is replaced.
@@ -235,12 +235,13 @@ def run_dual_layers(cfg: ModelConfig, dcfg: DrafterConfig, target_layers, draft_
 
   def body(carry, xs):
     x_c, x_s = carry
-    i, dp, kv = xs
-    x_c, x_s, kv = _dual_layer(cfg, model_lib.layer_slice(target_layers, i), dp, x_c, x_s, pos_c,
-                               pos_s, mask, cache, i, kv)
+    i, kv = xs
+    x_c, x_s, kv = _dual_layer(cfg, model_lib.layer_view(target_layers, i),
+                               model_lib.layer_view(draft_layers, i - s), x_c, x_s, pos_c, pos_s,
+                               mask, cache, i, kv)
     return (x_c, x_s), kv
 
-  (x_c, x_s), kv = lax.scan(body, (x_c, x_s), (jnp.arange(s, cfg.num_layers), draft_layers, kv_c))
+  (x_c, x_s), kv = lax.scan(body, (x_c, x_s), (jnp.arange(s, cfg.num_layers), kv_c))
   return x_c, x_s, kv
 
 

@@ -92,10 +92,12 @@ class Engine:
                unroll_layers: bool | None = None, *, target=None, tokenizer: str | None = None,
                drafter: str | None = None, costs: str | None = "auto", mesh=None,
                prefill_chunk: int | None = None):
-    """`unroll_layers` (default: on CPU) runs layers from per-layer param trees.
+    """`unroll_layers` runs layers from per-layer param trees (default: on CPU
+    without the matmul kernel, `model.decoding_params`).
 
     XLA:CPU copies each layer's weights out of the stacked [L, ...] arrays on
-    every scan step; unrolled decoding measured ~3x faster at batch 1 here.
+    every scan step (unrolled decoding measured ~3x faster at batch 1); the
+    kernel reads packed stacks in place, so with it the layers stay a scan.
     `target=(cfg, params)` serves already loaded (or random) weights, with the
     tokenizer of `tokenizer` (default: `model`'s). `drafter` is an exported
     drafter folder (train.py's `workdir/drafter`); it must have been trained for
@@ -116,19 +118,17 @@ class Engine:
       sharding_lib.check_mesh(self.mesh)
     self.cfg, params = target if target is not None else weights.load_model(model, dtype=dtype)
     self.prefill_chunk = check_prefill_chunk(prefill_chunk, self.cfg.max_position)
-    if unroll_layers is None:
-      unroll_layers = jax.default_backend() == "cpu"
+    # Sharded decoding keeps the dense layouts (the CPU kernel's packed panels replicate).
+    pack = False if self.mesh is not None else None
+    self.params = model_lib.decoding_params(params, unroll_layers, pack=pack)
+    unroll_layers = isinstance(self.params["layers"], tuple)
     self.dcfg, self.draft, fingerprint = None, None, None
     if drafter is not None:
       fingerprint = checkpoint.target_fingerprint(dataclasses.asdict(self.cfg), params)
       meta, draft = checkpoint.load_drafter(drafter, dataclasses.asdict(self.cfg), fingerprint,
                                             dtype=self.cfg.param_dtype)
       self.dcfg = drafter_lib.DrafterConfig(**meta).validate(self.cfg)
-      self.draft = drafter_lib.decoding_draft(draft, unroll_layers,
-                                              pack=False if self.mesh is not None else None)
-    # Sharded decoding keeps the dense layouts (the CPU kernel's packed panels replicate).
-    self.params = model_lib.decoding_params(params, unroll_layers,
-                                            pack=False if self.mesh is not None else None)
+      self.draft = drafter_lib.decoding_draft(draft, unroll_layers, pack=pack)
     if self.mesh is not None:  # placed once, as the executables expect them
       both = {"target": self.params, "draft": self.draft}
       both = jax.device_put(both, sharding_lib.param_shardings(both, self.mesh))

@@ -165,7 +165,7 @@ class Attention(nn.Module):
     c = self.cfg
     if (qkv := self._packed("qkv")) is not None:  # one fused kernel call
       nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-      y = cpu_matmul.dense(x_BTD, qkv["packed"], nq + 2 * nk)
+      y = cpu_matmul.dense(x_BTD, qkv["packed"], nq + 2 * nk, qkv.get("layer"))
       if "bias" in qkv:
         y = y + qkv["bias"].astype(y.dtype)
       q, k, v = jnp.split(y, [nq, nq + nk], axis=-1)
@@ -182,7 +182,8 @@ class Attention(nn.Module):
   def output(self, attn_BTNH):
     if (o := self._packed("o_proj")) is not None and "packed" in o:
       *lead, n, h = attn_BTNH.shape
-      return cpu_matmul.dense(attn_BTNH.reshape(*lead, n * h), o["packed"], self.cfg.hidden_size)
+      return cpu_matmul.dense(attn_BTNH.reshape(*lead, n * h), o["packed"], self.cfg.hidden_size,
+                              o.get("layer"))
     return self.o_proj(attn_BTNH)
 
   def __call__(self, x_BTD, positions_BT):  # used by `init` only
@@ -199,9 +200,10 @@ class Mlp(nn.Module):
     packed = self.variables.get("params", {})
     if "gate_up" in packed:  # `decoding_params`: the CPU kernel, gate|up fused
       f = c.intermediate_size
-      gu = cpu_matmul.dense(x, packed["gate_up"]["packed"], 2 * f)
+      gu, down = packed["gate_up"], packed["down_proj"]
+      gu = cpu_matmul.dense(x, gu["packed"], 2 * f, gu.get("layer"))
       h = nn.silu(gu[..., :f]) * gu[..., f:]
-      return cpu_matmul.dense(h, packed["down_proj"]["packed"], c.hidden_size)
+      return cpu_matmul.dense(h, down["packed"], c.hidden_size, down.get("layer"))
     dense = lambda f, name: nn.Dense(f, use_bias=False, dtype=c.jnp_dtype,
                                      param_dtype=c.jnp_param_dtype, name=name)
     h = nn.silu(dense(c.intermediate_size, "gate_proj")(x)) * dense(c.intermediate_size, "up_proj")(x)
@@ -347,6 +349,21 @@ def layer_slice(layers: Params, index) -> Params:
   return jax.tree.map(lambda a: a[index], layers)
 
 
+def layer_view(layers: Params, index) -> Params:
+  """Layer `index` of stacked layers for a scan body: `layer_slice`, except that packed
+  weights (`{"packed": [L, P, K, 16]}`) stay whole with `"layer": index` beside them, so
+  that the CPU kernel reads that layer's panels in place (a slice would be a copy of the
+  layer's weights on every step)."""
+  def view(tree):
+    if isinstance(tree, dict) and "packed" in tree:
+      return {**{k: v[index] for k, v in tree.items() if k != "packed"},
+              "packed": tree["packed"], "layer": index}
+    if isinstance(tree, dict):
+      return {k: view(v) for k, v in tree.items()}
+    return tree[index]
+  return view(layers)
+
+
 def unstack_layers(params: Params) -> Params:
   """Params whose `layers` is a tuple of per-layer trees (see `run_layers`)."""
   layers = params["layers"]
@@ -358,17 +375,19 @@ def unstack_layers(params: Params) -> Params:
 
 def decoding_params(params: Params, unroll_layers: bool | None = None,
                     pack: bool | None = None) -> Params:
-  """Params laid out for decoding: unstacked on CPU by default (see `run_layers`).
+  """Params laid out for decoding (see `run_layers`).
 
-  `pack` (default: when the layers are unrolled, the weights f32 and
-  `cpu_matmul.enabled()`) replaces the dense projections' kernels by the CPU
-  matmul kernel's packed panels (module docstring), once, here.
+  `pack` (default: the weights are f32 and `cpu_matmul.enabled()`, i.e. CPU with
+  the kernel built) replaces the dense projections' kernels by the CPU matmul
+  kernel's packed panels (module docstring), once, here. `unroll_layers`
+  (default: on CPU without the kernel) unstacks the layers: XLA:CPU's scan
+  slices a copy of each layer's weights per step, which packed stacks avoid.
   """
-  if unroll_layers is None:
-    unroll_layers = jax.default_backend() == "cpu"
-  params = unstack_layers(params) if unroll_layers else params
   if pack is None:
-    pack = unroll_layers and can_pack(params) and cpu_matmul.enabled()
+    pack = can_pack(params) and cpu_matmul.enabled()
+  if unroll_layers is None:
+    unroll_layers = jax.default_backend() == "cpu" and not pack
+  params = unstack_layers(params) if unroll_layers else params
   return pack_params(params) if pack else params
 
 
@@ -378,31 +397,32 @@ def can_pack(tree: Params) -> bool:
 
 
 def pack_attention(attn: Params) -> Params:
-  """Attention params (q/k/v/o kernels [d, N|K, H] / [N, H, d]) -> packed layout."""
+  """Attention params (q/k/v/o kernels [d, N|K, H] / [N, H, d], or stacks of them with a
+  leading layer axis) -> packed layout."""
   if "qkv" in attn:
     return attn
   names = ("q_proj", "k_proj", "v_proj")
-  d = attn["q_proj"]["kernel"].shape[0]
-  w = jnp.concatenate([attn[n]["kernel"].reshape(d, -1) for n in names], axis=1)
+  o = attn["o_proj"]["kernel"]
+  lead = o.shape[:-3]  # () or (L,)
+  w = jnp.concatenate([attn[n]["kernel"].reshape(*lead, o.shape[-1], -1) for n in names], axis=-1)
   out = {k: v for k, v in attn.items() if k not in names + ("o_proj",)}  # q/k norms
   out["qkv"] = {"packed": cpu_matmul.pack(w)}
   if "bias" in attn["q_proj"]:
-    out["qkv"]["bias"] = jnp.concatenate([attn[n]["bias"].reshape(-1) for n in names])
-  o = attn["o_proj"]["kernel"]
-  out["o_proj"] = {"packed": cpu_matmul.pack(o.reshape(-1, o.shape[-1]))}
+    out["qkv"]["bias"] = jnp.concatenate([attn[n]["bias"].reshape(*lead, -1) for n in names],
+                                         axis=-1)
+  out["o_proj"] = {"packed": cpu_matmul.pack(o.reshape(*lead, -1, o.shape[-1]))}
   return out
 
 
 def pack_params(params: Params) -> Params:
-  """Unrolled target params -> the CPU kernel's packed layout (module docstring)."""
-  if not isinstance(params["layers"], tuple):
-    raise ValueError("packing needs unrolled layers (unstack_layers / decoding_params)")
+  """Target params (unrolled or stacked layers) -> the CPU kernel's packed layout (module
+  docstring)."""
   if "head_packed" in params:
     return params
 
   def layer(lp):
     mlp = lp["mlp"]
-    gate_up = jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], axis=1)
+    gate_up = jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], axis=-1)
     return {**lp, "attn": pack_attention(lp["attn"]),
             "mlp": {"gate_up": {"packed": cpu_matmul.pack(gate_up)},
                     "down_proj": {"packed": cpu_matmul.pack(mlp["down_proj"]["kernel"])}}}
@@ -410,7 +430,8 @@ def pack_params(params: Params) -> Params:
   head = (params["lm_head"]["kernel"] if "lm_head" in params
           else params["embed"]["embedding"].T)
   out = {k: v for k, v in params.items() if k not in ("layers", "lm_head")}
-  out["layers"] = tuple(layer(lp) for lp in params["layers"])
+  layers = params["layers"]
+  out["layers"] = tuple(layer(lp) for lp in layers) if isinstance(layers, tuple) else layer(layers)
   out["head_packed"] = {"packed": cpu_matmul.pack(head)}
   return out
 
@@ -422,7 +443,8 @@ def run_layers(cfg: ModelConfig, layers: Params, x_BTD, positions_BT, mask_BTS,
   `layers` is either stacked (leaves [L, ...]; a `lax.scan`, compile time flat
   in depth) or a tuple of per-layer trees (`unstack_layers`; unrolled). On
   XLA:CPU the scan materialises each layer's weights per step (a dynamic
-  slice feeding a dot), which the unrolled form avoids.
+  slice feeding a dot), which the unrolled form avoids; packed stacks
+  (`layer_view`) are read in place by the kernel.
   """
   last = cfg.num_layers if last is None else last
   layer = DecoderLayer(cfg)
@@ -439,7 +461,7 @@ def run_layers(cfg: ModelConfig, layers: Params, x_BTD, positions_BT, mask_BTS,
     return x, (jnp.stack(ks), jnp.stack(vs))
 
   def body(x, i):
-    return layer.apply({"params": layer_slice(layers, i)}, x, positions_BT, mask_BTS, cache, i)
+    return layer.apply({"params": layer_view(layers, i)}, x, positions_BT, mask_BTS, cache, i)
 
   return lax.scan(body, x_BTD, jnp.arange(first, last))
 

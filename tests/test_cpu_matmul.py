@@ -103,6 +103,25 @@ def test_ragged_row_counts(isa, monkeypatch):
     _check(_kernel(x, packed, n), _xla(x, w))
 
 
+def test_stacked_weights_take_a_layer_index(monkeypatch):
+  """A stack [L, P, K, 16] with a traced layer index (a scan's) = that layer's weight, on
+  the kernel and on XLA's dot above the cut-over; a bad index is the kernel's error."""
+  k, n = 96, 101
+  ws = np.stack([_random((k, n), 10 + i) for i in range(3)])
+  stack = cpu_matmul.pack(jnp.asarray(ws))
+  assert stack.shape == (3, -(-n // cpu_matmul.PANEL), k, cpu_matmul.PANEL)
+  np.testing.assert_array_equal(stack[1], cpu_matmul.pack(jnp.asarray(ws[1])))
+  run = jax.jit(lambda x, p, i: cpu_matmul.dense(x, p, n, i))
+  for t in (1, 5, cpu_matmul.max_rows() + 3):  # the last: XLA's dot on the unpacked layer
+    x = _random((t, k), t)
+    for i in range(3):
+      _check(np.asarray(run(jnp.asarray(x), stack, i)), _xla(x, ws[i]))
+  with pytest.raises(ValueError, match="layer index exactly when stacked"):
+    cpu_matmul.kernel_matmul(jnp.ones((1, k)), stack, n)
+  with pytest.raises(Exception, match="layer 3 outside a stack of 3"):
+    jax.block_until_ready(run(jnp.ones((1, k)), stack, 3))
+
+
 def test_dense_takes_leading_axes_and_cuts_over_to_xla(monkeypatch):
   k, n = 64, 101
   w = _random((k, n), 2)
@@ -176,29 +195,53 @@ def test_tiny_model_logits_match_hf_with_the_kernel(variant, tmp_path, monkeypat
   hf = ref.build_hf_model(variant)
   hf.save_pretrained(tmp_path, safe_serialization=True)
   cfg, params = weights.load_hf(tmp_path, dtype="float32", param_dtype="float32")
-  packed = model.decoding_params(params, unroll_layers=True, pack=True)
-  assert "head_packed" in packed and "qkv" in packed["layers"][0]["attn"]
-  assert "lm_head" not in packed  # replaced, not kept next to its packing
   dense = model.decoding_params(params, unroll_layers=True, pack=False)
   tokens = ref.random_tokens((2, 12), seed=1)
-  assert "flexdraft_matmul_f32" in _logits.lower(packed, tokens, cfg=cfg).as_text()
   want = ref.hf_logits(hf, tokens)
-  on, off = np.asarray(_logits(packed, tokens, cfg=cfg)), np.asarray(_logits(dense, tokens, cfg=cfg))
+  off = np.asarray(_logits(dense, tokens, cfg=cfg))
   assert want.std() > 0.3
-  np.testing.assert_allclose(on, want, atol=ref.ATOL, rtol=0)
-  np.testing.assert_allclose(on, off, atol=1e-5 * np.abs(off).max(), rtol=0)
-  # Single-token steps (the decode shape) against the full pass.
-  steps = np.asarray(_decode_steps(packed, tokens, cfg=cfg))
-  np.testing.assert_allclose(steps, want[:, 5:], atol=ref.ATOL, rtol=0)
+  for unroll in (True, False):  # per-layer panels, and a scan over stacked panels
+    packed = model.decoding_params(params, unroll_layers=unroll, pack=True)
+    attn = packed["layers"][0]["attn"] if unroll else packed["layers"]["attn"]
+    assert "head_packed" in packed and "qkv" in attn
+    assert "lm_head" not in packed  # replaced, not kept next to its packing
+    assert "flexdraft_matmul_f32" in _logits.lower(packed, tokens, cfg=cfg).as_text()
+    on = np.asarray(_logits(packed, tokens, cfg=cfg))
+    np.testing.assert_allclose(on, want, atol=ref.ATOL, rtol=0)
+    np.testing.assert_allclose(on, off, atol=1e-5 * np.abs(off).max(), rtol=0)
+    # Single-token steps (the decode shape) against the full pass.
+    steps = np.asarray(_decode_steps(packed, tokens, cfg=cfg))
+    np.testing.assert_allclose(steps, want[:, 5:], atol=ref.ATOL, rtol=0)
 
 
 def test_decoding_params_pack_by_default_only_with_the_kernel(tiny_model, monkeypatch):
+  """With the kernel: packed, and the layers stay stacked (a scan) unless asked to unroll.
+  Without it: dense, unrolled on CPU (XLA's scan would copy each layer's weights)."""
   cfg, params = tiny_model("qwen2")
+  default = model.decoding_params(params)
+  assert "head_packed" in default and not isinstance(default["layers"], tuple)
+  assert default["layers"]["attn"]["qkv"]["packed"].shape[0] == cfg.num_layers
+  assert isinstance(model.decoding_params(params, unroll_layers=True)["layers"], tuple)
   assert "head_packed" in model.decoding_params(params, unroll_layers=True)
-  assert "head_packed" not in model.decoding_params(params, unroll_layers=False)  # scan: dense
   monkeypatch.setenv("FLEXDRAFT_MATMUL", "xla")
-  unpacked = model.decoding_params(params, unroll_layers=True)
+  unpacked = model.decoding_params(params)
   assert "head_packed" not in unpacked and "q_proj" in unpacked["layers"][0]["attn"]
+
+
+def test_scan_over_packed_stacks_copies_no_weights(tiny_model):
+  """The scan's layer reads its panels in place: no op of the compiled step makes a
+  per-layer panel array (a slice of a stack would), and the kernel gets the whole stack."""
+  cfg, params = tiny_model("llama")
+  packed = model.decoding_params(params, unroll_layers=False, pack=True)
+  cache = jax.eval_shape(lambda: model.KVCache.zeros(cfg, 1, 128))
+  step = jax.jit(lambda p, c, t: model.forward(p, cfg, t, cache=c)[0])
+  text = step.lower(packed, cache, jnp.zeros((1, 1), jnp.int32)).compile().as_text()
+  assert "flexdraft_matmul_f32" in text
+  for leaf in jax.tree.leaves(packed["layers"]):
+    if leaf.ndim == 4:  # a packed stack [L, P, K, 16]
+      one = "f32[" + ",".join(map(str, leaf.shape[1:])) + "]"
+      assert one not in text, f"a {one} layer panel is materialised"
+      assert "f32[" + ",".join(map(str, leaf.shape)) + "]" in text
 
 
 def test_drafter_passes_equal_with_the_kernel_on_and_off(tiny_model, monkeypatch):
@@ -219,13 +262,16 @@ def test_drafter_passes_equal_with_the_kernel_on_and_off(tiny_model, monkeypatch
     return logits, drafter.slot_logits(params, cfg, h, bonus)
 
   toks = jax.random.randint(jax.random.key(3), (2, 8), 0, cfg.vocab_size)
-  both = lambda pack: {"target": model.decoding_params(target, True, pack=pack),
-                       "draft": drafter.decoding_draft(draft, True, pack=pack)}
-  on, off = both(True), both(False)
-  assert "w2_packed" in on["draft"]["calib"] and "qkv" in on["draft"]["layers"][0]
-  assert "flexdraft_matmul_f32" in run.lower(on, toks).as_text()
-  for a, b in zip(run(on, toks), run(off, toks)):
-    np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
+  both = lambda pack, unroll: {"target": model.decoding_params(target, unroll, pack=pack),
+                               "draft": drafter.decoding_draft(draft, unroll, pack=pack)}
+  off = run(both(False, True), toks)
+  for unroll in (True, False):
+    on = both(True, unroll)
+    layer0 = on["draft"]["layers"][0] if unroll else on["draft"]["layers"]
+    assert "w2_packed" in on["draft"]["calib"] and "qkv" in layer0
+    assert "flexdraft_matmul_f32" in run.lower(on, toks).as_text()
+    for a, b in zip(run(on, toks), off):
+      np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
 
 
 def test_smollm2_greedy_is_token_identical_with_the_kernel(smollm2, mtbench_prompt_ids):
@@ -234,8 +280,8 @@ def test_smollm2_greedy_is_token_identical_with_the_kernel(smollm2, mtbench_prom
   prompt_BP, lens = generate.pad_prompts(prompts, bucket=16)
   stops = generate.stop_matrix([2], len(prompts))
 
-  def greedy(pack):
-    p = model.decoding_params(params, unroll_layers=True, pack=pack)
+  def greedy(pack):  # the kernel on the default (stacked) layout against unrolled XLA dots
+    p = model.decoding_params(params, unroll_layers=None if pack else True, pack=pack)
     cache = model.KVCache.zeros(cfg, len(prompts), prompt_BP.shape[1] + 32)
     tokens, num_new, _, _ = generate.generate(p, cache, prompt_BP, lens, stops, jax.random.key(0),
                                               cfg=cfg, max_new_tokens=32, sampling=SamplingConfig())
@@ -365,13 +411,14 @@ def test_generate_loop_with_the_kernel_adds_no_cache_copies():
   cache = jax.eval_shape(lambda: model.KVCache.zeros(cc.CFG, 3, 256))
   dims = ",".join(str(d) for d in cache.k.shape)
 
-  def copies(pack):
+  def copies(pack, unroll):
     params = jax.eval_shape(lambda: model.decoding_params(
-        model.init_params(cc.CFG, jax.random.key(0)), True, pack=pack))
+        model.init_params(cc.CFG, jax.random.key(0)), unroll, pack=pack))
     text = generate.compile_generate(params, cc.CFG, 3, 16, 256, 1, max_new_tokens=8,
                                      sampling=SamplingConfig()).as_text()
     assert ("flexdraft_matmul_f32" in text) == pack
     return _cache_copies(text, dims)
 
-  on, off = copies(True), copies(False)
-  assert len(on) <= len(off), "\n".join(on)
+  for unroll in (True, False):  # per-layer panels, and the scan over packed stacks
+    on, off = copies(True, unroll), copies(False, unroll)
+    assert len(on) <= len(off), "\n".join(on)

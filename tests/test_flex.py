@@ -56,9 +56,10 @@ def noisy_drafter(cfg, dcfg, target, seed, noise=0.3):
 
 
 def decoding(target, draft, unroll=None):
-  unroll = jax.default_backend() == "cpu" if unroll is None else unroll
-  return {"target": model_lib.decoding_params(target, unroll),
-          "draft": drafter.decoding_draft(draft, unroll)}
+  """The decoding layouts (default: the library's, `model.decoding_params`)."""
+  target = model_lib.decoding_params(target, unroll)
+  return {"target": target,
+          "draft": drafter.decoding_draft(draft, isinstance(target["layers"], tuple))}
 
 
 def table(block_size, *, ar=INF, pld=INF, parallel=INF, sequential=INF, acceptance=None):
@@ -183,7 +184,8 @@ def test_hidden_state_calibration_is_lossless(greedy_setup, tiny_model):
   dcfg = dataclasses.replace(DCFG, calib_target="hidden")
   draft = noisy_drafter(cfg, dcfg, tiny_model("llama")[1], seed=3)
   assert draft["calib"]["w2h"].shape == (dcfg.calib_rank, cfg.hidden_size)
-  params = {**params, "draft": drafter.decoding_draft(draft, jax.default_backend() == "cpu")}
+  params = {**params, "draft": drafter.decoding_draft(
+      draft, isinstance(params["target"]["layers"], tuple))}
   got, summary = run_flex(cfg, params, prompts, case_config("parallel", "cumulative_product"),
                           stops, dcfg=dcfg)
   want = [r[:r.index(s[0]) + 1] if s[0] in r else r for r, s in zip(ar, stops)]

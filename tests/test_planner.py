@@ -100,8 +100,9 @@ def tiny_flex(tiny_model):
   cfg, target = tiny_model("llama")
   dcfg = drafter.DrafterConfig(num_draft_layers=1, block_size=BS, calib_rank=8)
   draft = drafter.init_draft(cfg, dcfg, target, jax.random.key(0))
-  params = {"target": model_lib.decoding_params(target, True),
-            "draft": drafter.decoding_draft(draft, True)}
+  target = model_lib.decoding_params(target)  # the library's decoding layout
+  params = {"target": target,
+            "draft": drafter.decoding_draft(draft, isinstance(target["layers"], tuple))}
   return cfg, dcfg, params
 
 

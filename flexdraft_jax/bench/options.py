@@ -17,9 +17,9 @@ _MODEL = flags.DEFINE_string(
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Compute/param dtype; auto = f32 on CPU, bf16 on accelerators.")
 _UNROLL = flags.DEFINE_bool(
-    "unroll_layers", None, "Run layers from per-layer param trees (as `Engine` does on CPU, "
-    "where XLA copies each layer's weights out of stacked arrays on every scan step); "
-    "default: on CPU only.")
+    "unroll_layers", None, "Run layers from per-layer param trees (XLA:CPU copies each "
+    "layer's weights out of stacked arrays on every scan step; the CPU matmul kernel reads "
+    "packed stacks in place); default: on CPU without the kernel, as `Engine` does.")
 _PROMPTS = flags.DEFINE_string("prompts", "mtbench",
                                "mtbench, sharegpt-heldout, or a path to a .jsonl prompt file.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 8, "Prompts used (the first ones of the set).")
@@ -78,7 +78,7 @@ class Options:
   """The benchmark's settings (one field per flag)."""
   model: str = "smollm2-135m-instruct"
   dtype: str | None = None           # None: f32 on CPU, bf16 on accelerators
-  unroll_layers: bool | None = None  # None: on CPU only
+  unroll_layers: bool | None = None  # None: model.decoding_params' default
   prompts: str = "mtbench"
   num_prompts: int = 8
   group_by_length: bool = False

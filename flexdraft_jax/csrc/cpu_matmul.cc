@@ -347,11 +347,24 @@ void Run(const Job& j, ffi::ThreadPool& pool) {
 // FFI handlers
 // ----------------------------------------------------------------------------
 template <ffi::DataType WD>
+// w is one packed weight [P, K, 16] or a stack of them [L, P, K, 16] (the layers of a
+// `lax.scan`); `layer` (a scalar, 0 for one weight) picks the stack entry, so a scan
+// body reads its layer's panels in place instead of slicing out a copy.
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<WD> w,
-                  ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2) {
-    return ffi::Error::InvalidArgument("flexdraft_matmul: want x [T, K], w [P, K, 16], y [T, N]");
+                  ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), yd = y->dimensions(), wdims = w.dimensions();
+  if (xd.size() != 2 || (wdims.size() != 3 && wdims.size() != 4) || yd.size() != 2 ||
+      layer.element_count() != 1) {
+    return ffi::Error::InvalidArgument(
+        "flexdraft_matmul: want x [T, K], w [P, K, 16] or [L, P, K, 16], a scalar layer, y [T, N]");
+  }
+  const size_t lead = wdims.size() - 3;  // the stack axis, if any
+  const int64_t stack = lead ? wdims[0] : 1;
+  const int64_t wd[3] = {wdims[lead], wdims[lead + 1], wdims[lead + 2]};
+  const int64_t index = layer.typed_data()[0];
+  if (index < 0 || index >= stack) {
+    return ffi::Error::InvalidArgument("flexdraft_matmul: layer " + std::to_string(index) +
+                                       " outside a stack of " + std::to_string(stack));
   }
   const int64_t t = xd[0], k = xd[1], p = wd[0], n = yd[1];
   if (wd[1] != k || wd[2] != kPanel || yd[0] != t || n > p * kPanel || n <= (p - 1) * kPanel) {
@@ -365,7 +378,9 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<WD>
     std::memset(y->typed_data(), 0, t * n * sizeof(float));
     return ffi::Error::Success();
   }
-  Run(Job{x.typed_data(), w.untyped_data(), y->typed_data(), t, k, n, p,
+  const size_t entry = static_cast<size_t>(p) * k * kPanel * (WD == ffi::F32 ? 4 : 2);
+  const void* panels = static_cast<const char*>(w.untyped_data()) + index * entry;
+  Run(Job{x.typed_data(), panels, y->typed_data(), t, k, n, p,
           WD == ffi::F32 ? WeightType::kF32 : WeightType::kF16},
       pool);
   return ffi::Error::Success();
@@ -378,6 +393,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexdraftMatmulF32, Matmul<ffi::F32>,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexdraftMatmulF16, Matmul<ffi::F16>,
@@ -385,9 +401,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexdraftMatmulF16, Matmul<ffi::F16>,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 extern "C" {
+
+// The handlers' operand list (cpu_matmul.py checks it: a library built from older
+// source is not used). 2: x, w, layer.
+int flexdraft_matmul_abi() { return 2; }
 
 // The best path this CPU runs: 0 scalar, 1 AVX2 + FMA + F16C, 2 AVX-512F.
 int flexdraft_matmul_cpu_isa() { return CpuIsa(); }
