@@ -29,7 +29,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-test.txt
 # compile (backend_compile_and_load) at tests/test_prefill.py, a test that passes in a
 # fresh process; the cause is not found (the kernel is clean under ASan). Every test still runs.
 TESTS_B := tests/test_prefill.py tests/test_prompts.py tests/test_tokenizer.py \
-  tests/test_training.py tests/test_weights_errors.py tests/test_weights_sharded.py \
+  tests/test_training.py tests/test_train_job.py tests/test_weights_errors.py tests/test_weights_sharded.py \
   tests/test_kv_data.py
 # Each process runs its files on TEST_WORKERS pytest-xdist workers (whole files per worker,
 # so module fixtures are built once). Measured 2026-12-03: the workers' test times summed to

@@ -71,6 +71,7 @@ def main(argv):
     raise app.UsageError("--coordinator_address, --num_processes and --process_id need --multihost")
   from flexdraft_jax import data as data_lib
   from flexdraft_jax import resources
+  from flexdraft_jax import train_memory
   from flexdraft_jax import trainer
   from flexdraft_jax import weights
 
@@ -82,11 +83,11 @@ def main(argv):
              if "model_arch" in config else trainer.load_target(config)[0])
       dcfg = trainer.drafter_config(config, cfg)
       shape = trainer.mesh_shape(config, jax.device_count())
-      est = trainer.check_memory(config, cfg, dcfg, shape)
-      rows, context = trainer.decode_shape(config)
+      est = train_memory.check_memory(config, cfg, dcfg, shape)
+      rows, context = train_memory.decode_shape(config)
       print(f"estimated GiB per device on mesh {shape} (data, fsdp, tensor): train step with "
             f"batch {config.batch_size} x {config.seq_len} tokens, decoding {rows} rows x "
-            f"{context} tokens; without XLA temporaries (see trainer.memory_estimate)")
+            f"{context} tokens; without XLA temporaries (see train_memory.memory_estimate)")
       for k, v in est.items():
         print(f"  {k:20s} {v:8.2f}")
     elif _MODE.value == "generate":

@@ -23,10 +23,10 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flexdraft_jax import flex as flex_lib
+from flexdraft_jax import flex_stats
 from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
 from flexdraft_jax import planner
@@ -290,7 +290,7 @@ def measure_acceptance(params, cfg, dcfg, prompt_ids: list[list[int]], *, batch:
       hit += st.model_hit
       if log:
         log(f"acceptance: {mode} group {gi + 1}/{len(groups)}: tau "
-            f"{flex_lib.summarize(st)['tau']:.2f}")
+            f"{flex_stats.summarize(st)['tau']:.2f}")
   return {"tried": tried, "hit": hit}
 
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flexdraft_jax import attention
 from flexdraft_jax import cpu_matmul
 from flexdraft_jax import model as model_lib
 from flexdraft_jax.model_config import ModelConfig
@@ -149,6 +150,25 @@ def init_draft(cfg: ModelConfig, dcfg: DrafterConfig, target: Params, rng: jax.A
   return draft
 
 
+def check_params(draft: Params, cfg: ModelConfig, dcfg: DrafterConfig) -> None:
+  """Raises ValueError when draft params do not match dcfg (K layers, calibration rank and
+  target)."""
+  dcfg.validate(cfg)
+  layers = draft["layers"]
+  k = len(layers) if isinstance(layers, tuple) else jax.tree.leaves(layers)[0].shape[0]
+  if k != dcfg.num_draft_layers:
+    raise ValueError(f"draft params have {k} draft layers but num_draft_layers = "
+                     f"{dcfg.num_draft_layers}")
+  rank = draft["calib"]["w1"].shape[1] if "calib" in draft else 0
+  if rank != dcfg.calib_rank:
+    raise ValueError(f"draft params have calibration rank {rank} but calib_rank = "
+                     f"{dcfg.calib_rank}")
+  target = "hidden" if rank and "b2h" in draft["calib"] else "logits"
+  if rank and target != dcfg.calib_target:
+    raise ValueError(f"draft params calibrate the {target} but calib_target = "
+                     f"{dcfg.calib_target!r}")
+
+
 def draft_shapes(cfg: ModelConfig, dcfg: DrafterConfig) -> Params:
   """Shapes/dtypes of the draft tree, without allocating anything."""
   target = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
@@ -205,7 +225,7 @@ def _dual_layer(cfg: ModelConfig, lp: Params, dp: Params, x_c, x_s, pos_c, pos_s
   else:
     q_c, k_c, v_c = attn.apply({"params": lp["attn"]}, h[:, :t], pos_c, method="project")
     q = jnp.concatenate([q_c, q_s], axis=1)
-  out = model_lib.attend(q, jnp.concatenate([k_c, k_s], axis=1),
+  out = attention.attend(q, jnp.concatenate([k_c, k_s], axis=1),
                          jnp.concatenate([v_c, v_s], axis=1), mask, cache, layer)
   o_s = attn.apply({"params": dp}, out[:, t:], method="output")
   if x_c is not None:

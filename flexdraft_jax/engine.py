@@ -64,7 +64,7 @@ class Stats:
     return self.new_tokens / self.row_steps if self.row_steps else 0.0
 
   def add_flex(self, fs, real: int) -> None:
-    """Adds one batch's `flex.FlexStats` (its first `real` rows are real prompts)."""
+    """Adds one batch's `flex_stats.FlexStats` (its first `real` rows are real prompts)."""
     fs = jax.device_get(fs)
     self.forward_passes += int(fs.forward_passes)
     self.steps += int(fs.steps)

@@ -14,7 +14,7 @@ L_i = the target's logits at draft i-1:
 - ar: a target pass over drafts[:, :1] (the bonus); the next drafts are looked up;
 - pld (prompt lookup, training-free): a target pass over w drafts; the next
   drafts are the tokens that followed the latest earlier match of the row's
-  last n tokens (n in PLD_NGRAMS) in its prompt + output, confidence 1 (0 past them);
+  last n tokens (n in speculation.PLD_NGRAMS) in its prompt + output, confidence 1 (0 past them);
 - parallel: one pass with groups of slots anchored at n-1+g (g = 0..w); the new
   drafts are [b] + slots 1.. of group acc, calibrated with b;
 - sequential: a target pass over the w drafts, then a pass whose clean token is
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import flax
 import jax
@@ -47,8 +46,11 @@ from flexdraft_jax import model as model_lib
 from flexdraft_jax import planner
 from flexdraft_jax import prefill as prefill_lib
 from flexdraft_jax.model_config import ModelConfig
-from flexdraft_jax.planner import AR, KINDS, PARALLEL, PLD, SEQUENTIAL, CostTable
-from flexdraft_jax.sampling import SamplingConfig, probabilities, sample
+from flexdraft_jax.planner import AR, KINDS, PARALLEL, PLD, SEQUENTIAL
+from flexdraft_jax.flex_stats import FlexStats, record_step
+from flexdraft_jax.sampling import SamplingConfig
+from flexdraft_jax.speculation import (Candidates, behind, candidates, leading, lookup_drafts,
+                                       verify)
 
 MODES = ("ar", "parallel", "sequential", "flex", "pld")
 STRATEGIES = ("min_confidence", "cumulative_product", "expected_throughput", "full")
@@ -57,7 +59,6 @@ VERIFY_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # static verify widths (see `verify_b
 # sequential (the paper finds parallel best at batch <= 2 on Qwen3-8B/A100). A measured
 # cost table (`planner.CostTable`) replaces this rule.
 FLEX_BATCH_THRESHOLD = 2
-PLD_NGRAMS = (3, 2)  # n-gram sizes pld looks up, longest first
 DRAFTED = (PARALLEL, SEQUENTIAL)  # the kinds that run the draft layers
 
 
@@ -89,59 +90,6 @@ def verify_buckets(block_size: int) -> tuple[int, ...]:
 
 
 @flax.struct.dataclass
-class FlexStats:
-  steps: jax.Array           # [] verification steps of the batch (loop iterations)
-  forward_passes: jax.Array  # [] model passes, prefill included
-  row_steps: jax.Array       # [B] verification steps while the row was active
-  committed: jax.Array       # [B] tokens committed (= num_new)
-  accept_hist: jax.Array     # [Bs+1] row-steps that accepted exactly k drafts
-  tried: jax.Array           # [Bs] row-steps whose pass verified draft k (k = 0 is the
-                             #      first draft after the last bonus)
-  accepted: jax.Array        # [Bs] ... that accepted drafts 0..k
-  modes: jax.Array           # [4] steps of each kind (planner.KINDS)
-  verify_hist: jax.Array     # [len(verify_buckets)] steps per verify width
-  model_tried: jax.Array     # [3, Bs, NUM_BINS] drafts j verified after j-1 accepted, by source
-  model_hit: jax.Array       # [3, Bs, NUM_BINS] ... and accepted (planner.AcceptanceModel.fit)
-  predicted: jax.Array       # [] accepted drafts the table's acceptance model expected
-  observed: jax.Array        # [] accepted drafts (both over active rows, table steps only)
-
-  @classmethod
-  def zeros(cls, batch: int, block_size: int) -> "FlexStats":
-    z = lambda *s: jnp.zeros(s, jnp.int32)
-    nb = (3, block_size, planner.NUM_BINS)
-    return cls(steps=z(), forward_passes=z(), row_steps=z(batch), committed=z(batch),
-               accept_hist=z(block_size + 1), tried=z(block_size), accepted=z(block_size),
-               modes=z(len(KINDS)), verify_hist=z(len(verify_buckets(block_size))),
-               model_tried=z(*nb), model_hit=z(*nb), predicted=jnp.float32(0), observed=z())
-
-
-def summarize(stats: FlexStats) -> dict[str, Any]:
-  """Host summary: tau (ALGORITHM.md §5), histograms, acceptance_by_depth[k] =
-  accepted[k] / tried[k] (the chance that a verified draft k and all before it pass) and
-  the acceptance model's calibration error (predicted / observed accepted drafts - 1)."""
-  s = jax.tree.map(np.asarray, stats)
-  rate = np.where(s.tried > 0, s.accepted / np.maximum(s.tried, 1), np.nan)
-  return {"tau": float(s.committed.sum() / max(s.row_steps.sum(), 1)),
-          "steps": int(s.steps), "forward_passes": int(s.forward_passes),
-          "new_tokens": int(s.committed.sum()), "acceptance_by_depth": rate.tolist(),
-          "accept_hist": s.accept_hist.tolist(), "modes": dict(zip(KINDS, s.modes.tolist())),
-          "verify_hist": s.verify_hist.tolist(), "predicted_accepted": float(s.predicted),
-          "observed_accepted": int(s.observed),
-          "calibration_error": (float(s.predicted / s.observed - 1) if s.observed else None)}
-
-
-@flax.struct.dataclass
-class Candidates:
-  """What the next step verifies, for a row whose cache holds n tokens."""
-  last_logits: jax.Array  # [B, V] f32 target logits for position n
-  drafts: jax.Array       # [B, Bs] drafts for positions n, n+1, ...
-  conf: jax.Array         # [B, Bs] the draft's top probability per draft
-  q: jax.Array | None     # [B, Bs, V] the distributions drafts were drawn from (sampling only)
-  certain: jax.Array      # [B] 1 when drafts[:, 0] is an already emitted bonus
-  source: jax.Array       # [B] planner.SOURCES index of what made the drafts
-
-
-@flax.struct.dataclass
 class FlexState:
   cache: model_lib.KVCache
   cand: Candidates
@@ -150,118 +98,6 @@ class FlexState:
   done: jax.Array         # [B]
   key: jax.Array
   stats: FlexStats
-
-
-# ----------------------------------------------------------------------------
-# Drafting and verification
-# ----------------------------------------------------------------------------
-def candidates(key, logits_BJV, sampling: SamplingConfig, source: int, last_logits=None,
-               bonus=None):
-  """Candidates from slot logits [B, J, V]: after a cached clean token whose target
-  logits are `last_logits`, or behind a committed, uncached `bonus`."""
-  if sampling.greedy:
-    drafts, q = jnp.argmax(logits_BJV, axis=-1).astype(jnp.int32), None
-    conf = jax.nn.softmax(logits_BJV, axis=-1).max(-1)
-  else:
-    drafts, q = sample(key, logits_BJV, sampling), probabilities(logits_BJV, sampling)
-    conf = q.max(-1)
-  vocab = logits_BJV.shape[-1]
-  if last_logits is None:  # replaced by delta(bonus) in _behind
-    last_logits = jnp.zeros((drafts.shape[0], vocab), jnp.float32)
-  return _behind(Candidates(last_logits=last_logits, drafts=drafts, conf=conf, q=q,
-                            certain=jnp.zeros(drafts.shape[:1], jnp.int32),
-                            source=jnp.full(drafts.shape[:1], source, jnp.int32)), bonus)
-
-
-def _behind(c: Candidates, bonus):
-  """c with the uncached `bonus` put first (certain), or c itself for bonus None."""
-  if bonus is None:
-    return c
-  b, vocab = c.drafts.shape[0], c.last_logits.shape[-1]
-  first = lambda a, x: jnp.concatenate([x[:, None], a], axis=1)
-  return c.replace(last_logits=_delta(bonus, vocab), drafts=first(c.drafts, bonus),
-                   conf=first(c.conf, jnp.ones((b,), c.conf.dtype)),
-                   q=None if c.q is None else first(c.q, jax.nn.one_hot(bonus, vocab,
-                                                                        dtype=c.q.dtype)),
-                   certain=jnp.ones((b,), jnp.int32))
-
-
-def _leading(ok_BK):
-  """Length of each row's leading run of True."""
-  return jnp.sum(jnp.cumprod(ok_BK.astype(jnp.int32), axis=1), axis=1)
-
-
-def verify(key, logits_BKV, drafts_BK, q_BKV, sampling: SamplingConfig, broken: bool = False):
-  """Accepted count [B] and bonus [B] for K drafts; logits [B, K+1, V].
-
-  logits[:, i] is the target's distribution at draft i's position (i < K) and
-  after the last draft (i = K). Greedy: longest prefix matching the argmax.
-  Sampling: accept d with prob min(1, p(d)/q(d)), then draw the bonus from
-  norm(max(0, p - q)) at the first rejection, or from p after the last draft.
-  `broken` (tests only) draws from p instead of the residual.
-  """
-  k = drafts_BK.shape[1]
-  take = lambda a, i: jnp.take_along_axis(a, i[:, None, None], axis=1)[:, 0]
-  if sampling.greedy:
-    target = jnp.argmax(logits_BKV, axis=-1).astype(jnp.int32)
-    acc = _leading(target[:, :k] == drafts_BK)
-    return acc, jnp.take_along_axis(target, acc[:, None], axis=1)[:, 0]
-  k_u, k_b = jax.random.split(key)
-  p = probabilities(logits_BKV, sampling)  # [B, K+1, V]
-  at = lambda a: jnp.take_along_axis(a, drafts_BK[..., None], axis=-1)[..., 0]
-  u = jax.random.uniform(k_u, drafts_BK.shape)
-  acc = _leading(u * at(q_BKV) < at(p[:, :k]))
-  p_acc = take(p, acc)
-  q_acc = take(jnp.concatenate([q_BKV, jnp.zeros_like(q_BKV[:, :1])], axis=1), acc)
-  resid = p_acc if broken else jnp.maximum(p_acc - q_acc, 0.0)
-  resid = jnp.where(resid.sum(-1, keepdims=True) > 0, resid, p_acc)  # float safety
-  return acc, jax.random.categorical(k_b, jnp.log(resid), axis=-1).astype(jnp.int32)
-
-
-def lookup_drafts(history_BH, length_B, k: int):
-  """Prompt lookup: ([B, k] drafts, [B, k] conf 1/0). The drafts are the tokens that
-  followed the latest earlier occurrence of the last n of history[:length] (n in
-  PLD_NGRAMS, longest first), within history[:length]; conf 0 past them or without one."""
-  h = history_BH.shape[1]
-  i = jnp.arange(h)[None]
-  found, start = jnp.zeros(length_B.shape, bool), jnp.zeros_like(length_B)
-  for n in PLD_NGRAMS:
-    tail = jnp.take_along_axis(history_BH, jnp.maximum(length_B[:, None] - n + jnp.arange(n), 0),
-                               axis=1)
-    hit = (i + n < length_B[:, None]) & (length_B[:, None] >= n)
-    for j in range(n):
-      hit &= jnp.roll(history_BH, -j, axis=1) == tail[:, j:j + 1]
-    latest = jnp.max(jnp.where(hit, i, -1), axis=1)
-    start = jnp.where(found | (latest < 0), start, latest + n)
-    found |= latest >= 0
-  pos = start[:, None] + jnp.arange(k)[None]
-  drafts = jnp.take_along_axis(history_BH, jnp.minimum(pos, h - 1), axis=1)
-  conf = (found[:, None] & (pos < length_B[:, None])).astype(jnp.float32)
-  return jnp.where(conf > 0, drafts, 0), conf
-
-
-def _delta(tokens_B, vocab: int):
-  """Logits that put all mass on tokens_B: 0 there, -inf elsewhere."""
-  return jnp.where(jnp.arange(vocab)[None] == tokens_B[:, None], 0.0, -jnp.inf)
-
-
-def check_draft(params, cfg: ModelConfig, dcfg: drafter.DrafterConfig):
-  """Raises ValueError when the draft params do not match dcfg (K layers, calibration rank)."""
-  dcfg.validate(cfg)
-  draft = params["draft"]
-  layers = draft["layers"]
-  k = len(layers) if isinstance(layers, tuple) else jax.tree.leaves(layers)[0].shape[0]
-  if k != dcfg.num_draft_layers:
-    raise ValueError(f"draft params have {k} draft layers but num_draft_layers = "
-                     f"{dcfg.num_draft_layers}")
-  rank = draft["calib"]["w1"].shape[1] if "calib" in draft else 0
-  if rank != dcfg.calib_rank:
-    raise ValueError(f"draft params have calibration rank {rank} but calib_rank = "
-                     f"{dcfg.calib_rank}")
-  target = "hidden" if rank and "b2h" in draft["calib"] else "logits"
-  if rank and target != dcfg.calib_target:
-    raise ValueError(f"draft params calibrate the {target} but calib_target = "
-                     f"{dcfg.calib_target!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -310,7 +146,8 @@ class _Loop:
       cand = self.looked_up(out0, jnp.zeros((b,), jnp.int32), None, last)
     return FlexState(cache=cache, cand=cand, tokens=out0,
                      num_new=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool), key=key,
-                     stats=FlexStats.zeros(b, self.bs).replace(forward_passes=jnp.int32(1)))
+                     stats=FlexStats.zeros(b, self.bs, len(verify_buckets(self.bs))).replace(
+                         forward_passes=jnp.int32(1)))
 
   def _slot_logits(self, h, bonus=None):
     return drafter.slot_logits(self.params, self.cfg, h, bonus)
@@ -331,7 +168,7 @@ class _Loop:
                         jnp.pad(self.prompt, ((0, 0), (0, tokens.shape[1]))), gen)
     drafts, conf = lookup_drafts(history, self.lens + num_new, self.bs - (bonus is not None))
     z = jnp.zeros((self.b,), jnp.int32)
-    c = _behind(Candidates(last_logits=last_logits, drafts=drafts, conf=conf, q=None, certain=z,
+    c = behind(Candidates(last_logits=last_logits, drafts=drafts, conf=conf, q=None, certain=z,
                            source=z + planner.LOOKUP), bonus)
     q = None if self.sampling.greedy else jax.nn.one_hot(c.drafts, last_logits.shape[-1],
                                                          dtype=jnp.float32)
@@ -380,7 +217,7 @@ class _Loop:
       v = jnp.full((self.b,), self.bs, jnp.int32)
     else:
       p = c.conf if self.fcfg.verify_strategy == "min_confidence" else jnp.cumprod(c.conf, axis=1)
-      v = _leading(p >= self.fcfg.verify_threshold)
+      v = leading(p >= self.fcfg.verify_threshold)
     column = jnp.array(columns)[jnp.argmax(w >= jnp.max(jnp.where(active, jnp.clip(v, 1, self.bs),
                                                                   1)))]
     kinds = self.kinds
@@ -425,7 +262,9 @@ class _Loop:
         cand = looked
       else:
         cand = jax.tree.map(lambda a, b: jnp.where(kind <= PLD, a, b), looked, cand)
-    stats = self.count(s, kind, width, branch, acc, drafted, count, active)
+    column = jnp.array([col for _, _, col in self.branches])[branch]
+    stats = record_step(s.stats, s.cand, self.costs, kind=kind, width=width, column=column,
+                        acc=acc, drafted=drafted, count=count, active=active)
     done = s.done | (active & stop) | (num_new >= self.fcfg.max_new_tokens)
     return FlexState(cache=cache, cand=cand, tokens=out, num_new=num_new, done=done, key=key,
                      stats=stats)
@@ -443,36 +282,11 @@ class _Loop:
     count = jnp.where(active, jnp.minimum(count, self.fcfg.max_new_tokens - s.num_new), 0)
     return jnp.where(j < count[:, None], tokens, -1), count, drafted, stop.any(1)
 
-  def count(self, s: FlexState, kind, width, branch, acc, drafted, count, active) -> FlexStats:
-    """The step's statistics, acceptance-model counts included."""
-    st, c, on = s.stats, s.cand, active.astype(jnp.int32)
-    depth = jnp.arange(self.bs)[None]
-    verified = width - c.certain  # drafts after the bonus in this pass
-    # Draft j was judged when j < width and drafts < j passed (a certain draft is not judged).
-    judged = (depth < width) & (depth <= acc[:, None]) & ~((c.certain[:, None] == 1) & (depth == 0))
-    where = (c.source[:, None], depth, planner.confidence_bins(c.conf))
-    add = lambda a, x: a.at[where].add(jnp.where(active[:, None], x, 0).astype(jnp.int32))
-    predicted, observed = st.predicted, st.observed
-    if self.costs is not None:
-      e = planner.own_expected_accepts(self.costs.acceptance, c.conf, c.certain, c.source, width)
-      predicted = predicted + jnp.sum(jnp.where(active, e, 0.0))
-      observed = observed + jnp.sum(drafted * on)
-    return st.replace(
-        steps=st.steps + 1, row_steps=st.row_steps + on,
-        forward_passes=st.forward_passes + jnp.where(kind == SEQUENTIAL, 2, 1),
-        committed=st.committed + count, accept_hist=st.accept_hist.at[drafted].add(on),
-        tried=st.tried + jnp.sum(on[:, None] * (depth < verified[:, None]), axis=0),
-        accepted=st.accepted + jnp.sum(on[:, None] * (depth < drafted[:, None]), axis=0),
-        modes=st.modes.at[kind].add(1),
-        verify_hist=st.verify_hist.at[jnp.array([col for _, _, col in self.branches])[branch]].add(1),
-        model_tried=add(st.model_tried, judged), model_hit=add(st.model_hit, judged & (depth < acc[:, None])),
-        predicted=predicted, observed=observed)
-
 
 def _check(params, cfg, dcfg, fcfg, kinds, cache, width, costs):
   bs, m = dcfg.block_size, fcfg.max_new_tokens
   if any(k in DRAFTED for k in kinds):
-    check_draft(params, cfg, dcfg)
+    drafter.check_params(params["draft"], cfg, dcfg)
   if cache.capacity < width + m + 2 * bs:
     raise ValueError(f"KV cache capacity {cache.capacity} is below the padded prompt width {width} "
                      f"+ max_new_tokens {m} + 2 * block_size {bs}")
@@ -527,7 +341,7 @@ def _ar(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key, cfg, fcfg, bs
       params["target"], cache, prompt_BP, prompt_lens_B, stop_ids_BS, key, cfg=cfg,
       max_new_tokens=fcfg.max_new_tokens, sampling=fcfg.sampling, on_token=on_token,
       prefill_chunk=fcfg.prefill_chunk)
-  stats = FlexStats.zeros(prompt_BP.shape[0], bs)
+  stats = FlexStats.zeros(prompt_BP.shape[0], bs, len(verify_buckets(bs)))
   stats = stats.replace(steps=steps + 1, forward_passes=steps + 1, row_steps=num_new,
                         committed=num_new, modes=stats.modes.at[AR].set(steps + 1))
   return tokens, num_new, stats, cache

@@ -4,7 +4,7 @@ A prompt pass over W tokens with a W x W causal mask holds [B, heads, W, W]
 f32 scores (20 GiB for 8 ShareGPT prompts of 6k tokens) and [B, W, V] logits.
 Here the prompt goes through the model in chunks of C tokens instead. Chunk i
 covers prompt positions [s_i, s_i + C) of every row, s_i = min(i * C, W - C):
-its queries attend to the cache written so far (`model.attend`'s online-softmax
+its queries attend to the cache written so far (`attention.attend`'s online-softmax
 loop over the cache) plus the chunk itself (causal), and its keys/values are
 written at s_i before the next chunk. Only each row's last token goes through
 the LM head. The largest buffers are the chunk's scores, [B, heads, C, C] and
@@ -36,6 +36,7 @@ from typing import Any
 import jax.numpy as jnp
 from jax import lax
 
+from flexdraft_jax import attention
 from flexdraft_jax import drafter as drafter_lib
 from flexdraft_jax import model as model_lib
 from flexdraft_jax.model_config import ModelConfig
@@ -65,7 +66,7 @@ def check_chunk(chunk: int, width: int, capacity: int) -> None:
 
 def scores_bytes(batch: int, num_heads: int, chunk: int) -> int:
   """Bytes of one chunk's f32 attention scores and probabilities (the W^2 term's successor)."""
-  return 2 * batch * num_heads * chunk * (chunk + model_lib.CACHE_CHUNK) * 4
+  return 2 * batch * num_heads * chunk * (chunk + attention.CACHE_CHUNK) * 4
 
 
 def _write_at(cache: model_lib.KVCache, kv, start) -> model_lib.KVCache:

@@ -5,19 +5,19 @@ checkpoint in `workdir`, logs metrics as JSONL (process 0 only), saves on an
 interval and on SIGTERM, and exports the drafter to `workdir/drafter` at the end.
 
 With several processes (`train.py --multihost`), each reads the data shard of the
-batch rows its devices hold (`data_shard`) and they assemble the global batch
-(`global_batch`); the workdir must be shared, as orbax writes one checkpoint from
-all of them; stopping (SIGTERM, time limit) is agreed each step (`any_process`).
+batch rows its devices hold and they assemble the global batch (`multihost`); the
+workdir must be shared, as orbax writes one checkpoint from all of them; stopping
+(SIGTERM, time limit) is agreed each step. The memory check before any work is
+`train_memory`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import math
 import pathlib
 import sys
 import time
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,21 +25,19 @@ import ml_collections
 import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
-from jax.sharding import AbstractMesh
 
 from flexdraft_jax import checkpoint as ckpt_lib
 from flexdraft_jax import data as data_lib
 from flexdraft_jax import drafter as drafter_lib
 from flexdraft_jax import kv_data
 from flexdraft_jax import model as model_lib
+from flexdraft_jax import multihost
 from flexdraft_jax import sharding as sharding_lib
+from flexdraft_jax import train_memory
 from flexdraft_jax import training
 from flexdraft_jax import weights
 from flexdraft_jax.drafter import DrafterConfig
 from flexdraft_jax.model_config import ModelConfig, RopeScaling, default_dtype
-
-GiB = 2 ** 30
-
 
 # ----------------------------------------------------------------------------
 # Config -> typed pieces
@@ -107,134 +105,6 @@ def data_dirs(config, workdir) -> tuple[pathlib.Path, pathlib.Path]:
   root = pathlib.Path(workdir) / "data"
   return (pathlib.Path(config.data.train_dir or root / "train"),
           pathlib.Path(config.data.heldout_dir or root / "heldout"))
-
-
-# ----------------------------------------------------------------------------
-# Memory estimate (no allocation: shapes from jax.eval_shape)
-# ----------------------------------------------------------------------------
-def _device_bytes(shape, axes, mesh, itemsize: float) -> float:
-  """Bytes on one device of an array laid out by the rules table (`sharding.spec_for`)."""
-  parts = 1
-  for entry in sharding_lib.spec_for(shape, axes, mesh):
-    for name in (() if entry is None else (entry,) if isinstance(entry, str) else entry):
-      parts *= mesh.shape[name]
-  return math.prod(shape) * itemsize / parts
-
-
-def _sharded_bytes(tree, mesh) -> float:
-  return sum(_device_bytes(leaf.shape, sharding_lib.logical_axes(path, leaf.shape), mesh,
-                           leaf.dtype.itemsize)
-             for path, leaf in jax.tree_util.tree_leaves_with_path(tree))
-
-
-def memory_estimate(cfg: ModelConfig, dcfg: DrafterConfig, *, batch_size: int, seq_len: int,
-                    anchors_per_seq: int, mesh_shape, decode_batch_size: int = 0,
-                    decode_context: int = 0, offline: bool = False) -> dict:
-  """Per-device GiB of the train step and of decoding on the mesh `mesh_shape`.
-
-  Params come from `jax.eval_shape` and the rules table on an abstract mesh. The
-  rest is an analytic estimate of the largest buffers; XLA's temporaries (weights
-  gathered over fsdp, fusion scratch) are not counted, so leave some headroom.
-  Activations are split by the batch over ('data', 'fsdp') and by heads, kv heads,
-  MLP width and vocabulary over 'tensor', where those divide (like the params).
-
-  train step: params, the draft's gradient and AdamW moments (f32), and
-    act_clean_kv         keys and values of the frozen clean pass, every layer
-                         (the scan stacks them; the deep layers' are read by the
-                         mask path and kept for its backward pass); offline
-                         (cached K/V in the batch): the K deep layers' only
-    act_clean_attention  one clean layer's attention scores and probabilities
-                         (f32, [S, S] per head); transient, before the mask
-                         path; 0 offline (no clean pass)
-    act_draft_layers     what the mask path's K layers keep for the backward pass
-                         (`run_dual_layers` has no remat, so all K at once), per
-                         slot: the residual stream 4x (input, normed, after
-                         attention, normed), queries and attention output, the
-                         slots' keys and values, the MLP's gate, up and product,
-                         and the attention scores and probabilities over clean +
-                         slot keys (f32)
-    act_slot_logits      the mask slots' LM-head logits (f32 [M, V]), with their
-                         gradient; twice that with calibration (calibrated copies)
-    train_total = params + grads_and_adam + act_clean_kv
-                  + max(act_clean_attention, act_draft_layers + act_slot_logits)
-  decoding (the data build's generation, or serving on the same mesh):
-    decode_kv_cache      `model.KVCache` of `decode_batch_size` rows of
-                         `decode_context` tokens (rounded up to the engine's
-                         capacity bucket), batch over ('data', 'fsdp') and kv
-                         heads over 'tensor'; 0 when either is 0
-    decode_total = target_params + the draft in the model dtype + decode_kv_cache
-  total = max(train_total, decode_total): the two never hold memory at once.
-  """
-  from flexdraft_jax.engine import CAPACITY_BUCKET
-  mesh = AbstractMesh(tuple(mesh_shape), sharding_lib.MESH_AXES)
-  target = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
-  draft = jax.eval_shape(lambda t: drafter_lib.init_draft(cfg, dcfg, t, jax.random.key(0)), target)
-  sharded = _sharded_bytes({"target": target, "draft": draft}, mesh)
-  draft_b = _sharded_bytes({"draft": draft}, mesh)
-  on_device = lambda shape, axes, itemsize: _device_bytes(shape, axes, mesh, itemsize) / GiB
-  act = jnp.dtype(cfg.dtype).itemsize
-  score = 8  # f32 attention scores and probabilities
-  b, s, m = batch_size, seq_len, anchors_per_seq * dcfg.block_size
-  n, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-  per_layer = (4 * on_device((b, m, d), ("batch", None, None), act)
-               + 2 * on_device((b, m, n, hd), ("batch", None, "heads", None), act)
-               + 2 * on_device((b, m, kv, hd), ("batch", None, "kv_heads", None), act)
-               + 3 * on_device((b, m, cfg.intermediate_size), ("batch", None, "mlp"), act)
-               + on_device((b, n, m, s + m), ("batch", "heads", None, None), score))
-  out = {
-      "target_params": (sharded - draft_b) / GiB,
-      "draft_params": draft_b / GiB,
-      "grads_and_adam": 3 * draft_b / GiB,
-      "act_clean_kv": 2 * on_device((dcfg.num_draft_layers if offline else cfg.num_layers, b, s,
-                                     kv, hd), ("layers", "batch", None, "kv_heads", None), act),
-      "act_clean_attention": 0.0 if offline else on_device((b, n, s, s),
-                                                           ("batch", "heads", None, None), score),
-      "act_draft_layers": dcfg.num_draft_layers * per_layer,
-      "act_slot_logits": (4 if dcfg.calib_rank else 2) * on_device(
-          (b, m, cfg.vocab_size), ("batch", None, "vocab"), 4),
-  }
-  out["train_total"] = (out["target_params"] + out["draft_params"] + out["grads_and_adam"]
-                        + out["act_clean_kv"]
-                        + max(out["act_clean_attention"],
-                              out["act_draft_layers"] + out["act_slot_logits"]))
-  capacity = -(-decode_context // CAPACITY_BUCKET) * CAPACITY_BUCKET
-  out["decode_kv_cache"] = 2 * on_device(
-      (cfg.num_layers, decode_batch_size, kv, capacity, hd),
-      ("layers", "batch", "kv_heads", None, None), act) if decode_batch_size else 0.0
-  out["decode_total"] = (out["target_params"] + out["draft_params"] * act / 4
-                         + out["decode_kv_cache"])
-  out["total"] = max(out["train_total"], out["decode_total"])
-  return out
-
-
-def decode_shape(config) -> tuple[int, int]:
-  """(rows, context tokens) of decoding: config.decode_batch_size / decode_context, where 0
-  (the default) means the data build's: data.generate_batch_size rows of
-  data.max_prompt_len + data.max_response_len tokens."""
-  rows = config.get("decode_batch_size", 0) or config.data.generate_batch_size
-  context = (config.get("decode_context", 0)
-             or config.data.max_prompt_len + config.data.max_response_len)
-  return rows, context
-
-
-def check_memory(config, cfg: ModelConfig, dcfg: DrafterConfig, mesh_shape) -> dict:
-  """`memory_estimate` for `config`; MemoryError when its total exceeds config.hbm_gib."""
-  rows, context = decode_shape(config)
-  est = memory_estimate(cfg, dcfg, batch_size=config.batch_size, seq_len=config.seq_len,
-                        anchors_per_seq=config.anchors_per_seq, mesh_shape=mesh_shape,
-                        decode_batch_size=rows, decode_context=context,
-                        offline=bool(config.data.get("offline")))
-  if config.hbm_gib and est["total"] > config.hbm_gib:
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in est.items() if k != "total")
-    if est["train_total"] >= est["decode_total"]:
-      fix = "a smaller batch_size/seq_len/anchors_per_seq"
-    else:
-      fix = ("a smaller decode_batch_size/decode_context (or data.generate_batch_size/"
-             "max_prompt_len/max_response_len)")
-    raise MemoryError(f"estimated {est['total']:.1f} GiB per device on mesh {tuple(mesh_shape)} "
-                      f"exceeds hbm_gib={config.hbm_gib} ({parts}); use more devices, a larger "
-                      f"fsdp/tensor axis, or {fix}")
-  return est
 
 
 def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
@@ -315,92 +185,11 @@ def _check_dataset(path: pathlib.Path, fingerprint: str, config) -> None:
                                 f"{meta['fingerprint'][:12]}.. != {fingerprint[:12]}..)")
 
 
-# ----------------------------------------------------------------------------
-# Multi-process: each process feeds the batch rows its own devices hold
-# ----------------------------------------------------------------------------
-class DataShard(NamedTuple):
-  index: int  # which of the `count` data shards this process reads
-  count: int  # distinct row slices of the global batch across processes
-  rows: int   # rows per process (batch_size / count)
-
-
-def data_shard(mesh, batch_size: int) -> DataShard:
-  """This process's slice of the global batch, which is split over ('data', 'fsdp').
-
-  Every process must hold one contiguous, equally large slice of rows; processes
-  whose devices hold the same rows (a mesh axis spanning processes that does not
-  split the batch) read the same shard. One process: shard 0 of 1, all rows.
-  """
-  per = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch_size % per:
-    raise ValueError(f"batch_size={batch_size} must be a multiple of data*fsdp={per} "
-                     f"(mesh {dict(mesh.shape)})")
-  index_map = sharding_lib.batch_sharding(mesh, 1).devices_indices_map((batch_size,))
-  held: dict[int, set[int]] = {}
-  for device, (rows,) in index_map.items():
-    held.setdefault(device.process_index, set()).update(range(batch_size)[rows])
-  if set(held) != set(range(jax.process_count())):
-    raise ValueError(f"the mesh {dict(mesh.shape)} uses devices of processes {sorted(held)} only; "
-                     f"with {jax.process_count()} processes it must span every process "
-                     f"({jax.device_count()} devices)")
-  spans = {}
-  for proc, rows in held.items():
-    lo, hi = min(rows), max(rows) + 1
-    if len(rows) != hi - lo:
-      raise ValueError(f"process {proc} holds batch rows {sorted(rows)}, not one contiguous slice")
-    spans[proc] = (lo, hi)
-  distinct = sorted(set(spans.values()))
-  if any(b[0] < a[1] for a, b in zip(distinct, distinct[1:])) or \
-      len({hi - lo for lo, hi in distinct}) != 1:
-    raise ValueError(f"the processes hold overlapping or unequal batch slices {distinct}; "
-                     "use a mesh whose ('data', 'fsdp') axes split the batch evenly over processes")
-  lo, hi = spans[jax.process_index()]
-  return DataShard(distinct.index((lo, hi)), len(distinct), hi - lo)
-
-
-def put_global(tree, shardings):
-  """`tree`'s values (the same on every process) placed with `shardings`. With several
-  processes each copies in only its own devices' shards, from a host copy (`jax.device_put`
-  of host values would first all-gather every value to check that the processes agree)."""
-  if jax.process_count() == 1:
-    return jax.device_put(tree, shardings)
-
-  def put(x, sharding):
-    if isinstance(x, jax.Array) and x.sharding == sharding:  # e.g. loaded into its shards
-      return x
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-  return jax.tree.map(put, tree, shardings)
-
-
-def global_batch(local: dict, shardings: dict, batch_size: int) -> dict:
-  """The global [batch_size, ...] arrays from each process's rows (its DataShard)."""
-  return {k: jax.make_array_from_process_local_data(shardings[k], v, (batch_size,) + v.shape[1:])
-          for k, v in local.items()}
-
-
-def any_process(*flags: bool) -> tuple[bool, ...]:
-  """Each flag OR-ed over processes, so that all take the same branch (a collective
-  when there are several processes; every process must call it)."""
-  if jax.process_count() == 1:
-    return tuple(bool(f) for f in flags)
-  gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))
-  return tuple(bool(f) for f in np.asarray(gathered).reshape(jax.process_count(), -1).any(0))
-
-
-def to_host(tree):
-  """Numpy copies of (possibly sharded) arrays; with several processes a collective
-  that every process must call."""
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  return multihost_utils.process_allgather(tree, tiled=True)
-
-
 _count_tokens = jax.jit(lambda seg: jnp.sum(seg > 0))
 
 
 def _iterator(config, path, dcfg, seed, mesh, num_epochs=None, kv_store=None):
-  shard = data_shard(mesh, config.batch_size)
+  shard = multihost.data_shard(mesh, config.batch_size)
   return data_lib.make_iterator(
       path, seq_len=config.seq_len, batch_size=shard.rows, block_size=dcfg.block_size,
       anchors_per_seq=config.anchors_per_seq, seed=seed, shard_index=shard.index,
@@ -465,7 +254,7 @@ def evaluate(eval_fn, state, target, config, path, dcfg, sharding, kv_store=None
   it = _iterator(config, path, dcfg, seed=1234, mesh=sharding["tokens"].mesh, kv_store=kv_store)
   rows = []
   for _ in range(config.eval_batches):
-    batch = global_batch(next(it), sharding, config.batch_size)
+    batch = multihost.global_batch(next(it), sharding, config.batch_size)
     rows.append(jax.device_get(eval_fn(state.draft, target, batch)))
   mean = jax.tree.map(lambda *a: np.mean(np.stack(a), axis=0), *rows)
   out = {f"eval_{k}": v for k, v in _host(mean).items()}
@@ -473,18 +262,37 @@ def evaluate(eval_fn, state, target, config, path, dcfg, sharding, kv_store=None
   return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Trains to config.num_steps (resuming if a checkpoint exists); returns the last metrics."""
-  workdir = pathlib.Path(workdir).absolute()  # orbax wants absolute paths
-  workdir.mkdir(parents=True, exist_ok=True)
-  main = jax.process_index() == 0
+@dataclasses.dataclass
+class _Job:
+  """What a run sets up before its first step (`_prepare`)."""
+  cfg: ModelConfig
+  dcfg: DrafterConfig
+  target: dict
+  fingerprint: str
+  mesh: jax.sharding.Mesh
+  memory_gib: float
+  heldout_dir: pathlib.Path
+  stores: dict          # {data dir: kv_data.KVStore} in offline mode
+  state: training.TrainState
+  iterator: object      # the train split's grain iterator (checkpointed with the state)
+  step_fn: object
+  batch_sharding: dict
+  eval_fn: object
+
+  def evaluate(self, state, config) -> dict:
+    return evaluate(self.eval_fn, state, self.target, config, self.heldout_dir, self.dcfg,
+                    self.batch_sharding, self.stores.get(self.heldout_dir))
+
+
+def _prepare(config, workdir: pathlib.Path) -> _Job:
+  """Target, drafter (fresh or `init_from`), data (built or extracted, checked), optimizer
+  and the compiled train step, all placed on the mesh."""
   mesh = sharding_lib.make_mesh(mesh_shape(config, jax.device_count()))
   cfg, target = load_target(config, mesh)
   dcfg = drafter_config(config, cfg)
   lcfg, ocfg = loss_config(config), optim_config(config)
-  est = check_memory(config, cfg, dcfg, mesh.devices.shape)
+  est = train_memory.check_memory(config, cfg, dcfg, mesh.devices.shape)
   fingerprint = ckpt_lib.target_fingerprint(target_arch(cfg), target)
-
   if config.get("init_from"):  # a resumed run restores over it
     draft = init_from_export(config.init_from, cfg, dcfg, fingerprint, jax.eval_shape(
         functools.partial(drafter_lib.init_draft, cfg, dcfg), target, jax.random.key(0)))
@@ -498,80 +306,97 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     extract_data(config, workdir)
   stores = kv_stores(config, cfg, dcfg, fingerprint,
                      checked_datasets(config, workdir, fingerprint))
-
   tx = training.make_optimizer(ocfg, {"target": target, "draft": draft})
   state = training.init_state(tx, target, draft)
-  it = _iterator(config, train_dir, dcfg, seed=config.seed, mesh=mesh, kv_store=stores.get(train_dir))
-  batch0 = next(_iterator(config, train_dir, dcfg, seed=config.seed, mesh=mesh,
-                          kv_store=stores.get(train_dir)))
-  step_fn, st_sh, tg_sh, b_sh = training.compile_train_step(state, target, batch0, mesh, tx=tx,
-                                                           cfg=cfg, dcfg=dcfg, lcfg=lcfg)
-  target, state = put_global(target, tg_sh), put_global(state, st_sh)
+  iterator = lambda: _iterator(config, train_dir, dcfg, seed=config.seed, mesh=mesh,
+                               kv_store=stores.get(train_dir))
+  step_fn, st_sh, tg_sh, b_sh = training.compile_train_step(state, target, next(iterator()),
+                                                           mesh, tx=tx, cfg=cfg, dcfg=dcfg,
+                                                           lcfg=lcfg)
   eval_fn = jax.jit(lambda d, t, b: training.loss_and_metrics(d, t, b, cfg=cfg, dcfg=dcfg,
                                                               lcfg=lcfg)[1])
-  run_config = {**config.to_dict(), "fingerprint": fingerprint}
+  return _Job(cfg=cfg, dcfg=dcfg, target=multihost.put_global(target, tg_sh),
+              fingerprint=fingerprint, mesh=mesh, memory_gib=est["total"],
+              heldout_dir=heldout_dir, stores=stores, state=multihost.put_global(state, st_sh),
+              iterator=iterator(), step_fn=step_fn, batch_sharding=b_sh, eval_fn=eval_fn)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains to config.num_steps (resuming if a checkpoint exists); returns the last metrics."""
+  workdir = pathlib.Path(workdir).absolute()  # orbax wants absolute paths
+  workdir.mkdir(parents=True, exist_ok=True)
+  main = jax.process_index() == 0
+  job = _prepare(config, workdir)
   log = _Log(workdir)
-  with ckpt_lib.Checkpointer(workdir, run_config, config.save_every) as ckpt, \
-       ckpt_lib.SigtermFlag() as sigterm:
+  with ckpt_lib.Checkpointer(workdir, {**config.to_dict(), "fingerprint": job.fingerprint},
+                             config.save_every) as ckpt, ckpt_lib.SigtermFlag() as sigterm:
     start = ckpt.latest_step() or 0
     if start:
-      restored = ckpt.restore(state.as_dict(), it)
-      state = training.TrainState(**restored)
+      job.state = training.TrainState(**ckpt.restore(job.state.as_dict(), job.iterator))
       if main:
         print(f"resumed from step {start} in {ckpt.directory}", file=sys.stderr)
     elif main:
+      cfg, dcfg = job.cfg, job.dcfg
       print(f"target {config.model}: {cfg.num_layers} layers, d={cfg.hidden_size}; drafter "
             f"K={dcfg.num_draft_layers} B={dcfg.block_size} r={dcfg.calib_rank}; mesh "
-            f"{dict(mesh.shape)}; est. {est['total']:.2f} GiB/device", file=sys.stderr)
-    last = {}
-    bar = tqdm.tqdm(total=config.num_steps, initial=start, unit="step", file=sys.stderr,
-                    disable=not main)
-    t_prev, s_prev, tokens = time.perf_counter(), start, 0
-    t_start = t_prev
-    for step in range(start + 1, config.num_steps + 1):
-      batch = next(it)
-      batch = global_batch(batch, b_sh, config.batch_size)
-      tokens = tokens + _count_tokens(batch["segment_ids"])  # on device: no sync per step
-      if config.time_limit_s and step > start + 1:
-        jax.block_until_ready(metrics)  # the clock sees finished steps; one more stays queued
-      state, metrics = step_fn(state, target, batch)
-      if step % config.log_every == 0 or step == config.num_steps or step == start + 1:
-        last = _host(metrics)
-        dt = time.perf_counter() - t_prev
-        last.update(training.acceptance_proxies(metrics), step=step, tokens_per_s=int(tokens) / dt,
-                    step_time_s=dt / (step - s_prev))
-        t_prev, s_prev, tokens = time.perf_counter(), step, 0
-        if config.eval_every and (step % config.eval_every == 0 or step == config.num_steps):
-          last.update(evaluate(eval_fn, state, target, config, heldout_dir, dcfg, b_sh,
-                               stores.get(heldout_dir)))
-        log.write(last)
-        bar.set_postfix(loss=f"{last['loss']:.3f}", acc0=f"{last['acc'][0]:.2f}",
-                        tau=f"{last['tau_proxy_parallel']:.2f}", refresh=False)
-      bar.update(1)
-      out_of_time = config.time_limit_s and time.perf_counter() - t_start > config.time_limit_s
-      out_of_time, stop = any_process(out_of_time, sigterm.is_set())  # processes agree
-      if out_of_time:  # a clean early end: final eval, save and export below
-        if main:
-          print(f"time_limit_s={config.time_limit_s} reached at step {step}", file=sys.stderr)
-        if config.eval_every:
-          last.update(evaluate(eval_fn, state, target, config, heldout_dir, dcfg, b_sh,
-                               stores.get(heldout_dir)), step=step)
-          log.write(last)
-        break
-      ckpt.maybe_save(step, state.as_dict(), it, force=stop)
-      if stop:
-        if main:
-          print(f"SIGTERM: saved step {step}, exiting", file=sys.stderr)
-        log.close()
-        return last
-    bar.close()
-    ckpt.maybe_save(int(state.step), state.as_dict(), it, force=True)
+            f"{dict(job.mesh.shape)}; est. {job.memory_gib:.2f} GiB/device", file=sys.stderr)
+    last, stopped = _train(config, job, start, ckpt, sigterm, log)
+    if stopped:
+      log.close()
+      return last
+    ckpt.maybe_save(int(job.state.step), job.state.as_dict(), job.iterator, force=True)
   log.close()
-  draft = to_host(state.draft)  # every process takes part; process 0 writes
+  draft = multihost.to_host(job.state.draft)  # every process takes part; process 0 writes
   if main:
-    path = export(config, workdir, draft, cfg, dcfg, fingerprint)
+    path = export(config, workdir, draft, job.cfg, job.dcfg, job.fingerprint)
     print(f"exported drafter to {path}", file=sys.stderr)
   return last
+
+
+def _train(config, job: _Job, start: int, ckpt, sigterm, log) -> tuple[dict, bool]:
+  """Steps start+1..num_steps (job.state advances), logging, evaluating and saving on their
+  intervals; ends early at the time limit (evaluated) or on SIGTERM (saved). Returns the
+  last metrics and whether SIGTERM stopped the run."""
+  main = jax.process_index() == 0
+  last, metrics = {}, None
+  bar = tqdm.tqdm(total=config.num_steps, initial=start, unit="step", file=sys.stderr,
+                  disable=not main)
+  t_prev, s_prev, tokens = time.perf_counter(), start, 0
+  t_start = t_prev
+  for step in range(start + 1, config.num_steps + 1):
+    batch = multihost.global_batch(next(job.iterator), job.batch_sharding, config.batch_size)
+    tokens = tokens + _count_tokens(batch["segment_ids"])  # on device: no sync per step
+    if config.time_limit_s and step > start + 1:
+      jax.block_until_ready(metrics)  # the clock sees finished steps; one more stays queued
+    job.state, metrics = job.step_fn(job.state, job.target, batch)
+    if step % config.log_every == 0 or step == config.num_steps or step == start + 1:
+      last = _host(metrics)
+      dt = time.perf_counter() - t_prev
+      last.update(training.acceptance_proxies(metrics), step=step, tokens_per_s=int(tokens) / dt,
+                  step_time_s=dt / (step - s_prev))
+      t_prev, s_prev, tokens = time.perf_counter(), step, 0
+      if config.eval_every and (step % config.eval_every == 0 or step == config.num_steps):
+        last.update(job.evaluate(job.state, config))
+      log.write(last)
+      bar.set_postfix(loss=f"{last['loss']:.3f}", acc0=f"{last['acc'][0]:.2f}",
+                      tau=f"{last['tau_proxy_parallel']:.2f}", refresh=False)
+    bar.update(1)
+    out_of_time = config.time_limit_s and time.perf_counter() - t_start > config.time_limit_s
+    out_of_time, stop = multihost.any_process(out_of_time, sigterm.is_set())  # processes agree
+    if out_of_time:  # a clean early end: final eval, save and export after this
+      if main:
+        print(f"time_limit_s={config.time_limit_s} reached at step {step}", file=sys.stderr)
+      if config.eval_every:
+        last.update(job.evaluate(job.state, config), step=step)
+        log.write(last)
+      break
+    ckpt.maybe_save(step, job.state.as_dict(), job.iterator, force=stop)
+    if stop:
+      if main:
+        print(f"SIGTERM: saved step {step}, exiting", file=sys.stderr)
+      return last, True
+  bar.close()
+  return last, False
 
 
 def init_from_export(path, cfg: ModelConfig, dcfg: DrafterConfig, fingerprint: str,

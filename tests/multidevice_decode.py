@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from conftest import random_params  # noqa: E402
-from flexdraft_jax import drafter, flex, generate, model, sharding  # noqa: E402
+from flexdraft_jax import drafter, flex, flex_stats, generate, model, sharding  # noqa: E402
 from flexdraft_jax.model_config import ModelConfig  # noqa: E402
 from flexdraft_jax.sampling import SamplingConfig  # noqa: E402
 
@@ -111,7 +111,7 @@ def decode_on_meshes(meshes):
       tokens, num_new, stats, cache = exe(placed, cache_in, prompt_bp, lens, stops,
                                           jax.random.key(0), None)
       run["tokens"][mode] = rows(tokens, num_new)
-      run["modes"][mode] = flex.summarize(stats)["modes"]
+      run["modes"][mode] = flex_stats.summarize(stats)["modes"]
       run["cache_out"] = {"k": spec(cache.k), "v": spec(cache.v), "lengths": spec(cache.lengths),
                           "k_shard": list(cache.k.addressable_shards[0].data.shape)}
       run["rows_out"] = {"tokens": spec(tokens), "num_new": spec(num_new),

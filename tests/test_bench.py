@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import pathlib
 
 from absl import app
 from absl import flags

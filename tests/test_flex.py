@@ -18,6 +18,7 @@ from scipy import stats as scipy_stats
 
 from flexdraft_jax import drafter
 from flexdraft_jax import flex
+from flexdraft_jax import flex_stats
 from flexdraft_jax import planner
 from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
@@ -93,7 +94,7 @@ def run_flex(cfg, params, prompts, fcfg, stops=(-1,), *, dcfg=DCFG, key=0, bucke
     assert 1 <= n <= fcfg.max_new_tokens
     assert (tokens[b, :n] >= 0).all() and (tokens[b, n:] == -1).all()
   np.testing.assert_array_equal(np.asarray(st.committed), num_new)
-  return [tokens[b, :n].tolist() for b, n in enumerate(num_new)], flex.summarize(st)
+  return [tokens[b, :n].tolist() for b, n in enumerate(num_new)], flex_stats.summarize(st)
 
 
 def run_ar(cfg, target, prompts, max_new, stops=(-1,), bucket=BUCKET):
@@ -639,7 +640,7 @@ def test_trained_drafter_greedy_lossless(trained):
         params, cache, prompt_BP, lens, np.asarray(stop_ids, np.int32), jax.random.key(0), costs,
         cfg=cfg, dcfg=dcfg, fcfg=fcfg, kinds=tuple(range(len(planner.KINDS))))
     got += [np.asarray(tokens)[b, :n_].tolist() for b, n_ in enumerate(np.asarray(num_new))]
-    summary = flex.summarize(st)
+    summary = flex_stats.summarize(st)
     modes = {k: modes[k] + summary["modes"][k] for k in modes}
     committed += summary["new_tokens"]
     row_steps += int(np.asarray(st.row_steps).sum())

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flexdraft_jax import attention
 from flexdraft_jax import model
 from flexdraft_jax.model_config import ModelConfig
 
@@ -45,7 +46,7 @@ def test_layer_parts_compose_to_the_layer(tiny):
 
   def by_parts(mdl, x):
     q, k, v = mdl.attn.project(mdl.input_norm(x), pos)
-    return mdl.finish(x, model.attend(q, k, v, mask))
+    return mdl.finish(x, attention.attend(q, k, v, mask))
 
   got = layer.apply(p, x, method=by_parts)
   np.testing.assert_allclose(got, want, atol=1e-5)

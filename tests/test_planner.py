@@ -15,7 +15,6 @@ from flexdraft_jax import flex
 from flexdraft_jax import model as model_lib
 from flexdraft_jax import planner
 
-from conftest import random_params
 
 BS = 4
 WIDTHS = flex.verify_buckets(BS)

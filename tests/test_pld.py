@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from flexdraft_jax import flex
+from flexdraft_jax import speculation
 from test_flex import DCFG, decoding, near_ties, noisy_drafter, run_ar, run_flex
 
 M = 24
@@ -22,7 +23,7 @@ def test_lookup_drafts():
   hist = jnp.array([[5, 6, 7, 8, 9, 5, 6, 7, 0, 0],    # 3-gram 5 6 7 -> 8 9 5 6 7 (cut at length)
                     [1, 2, 3, 4, 2, 3, 1, 2, 0, 0],    # 3-gram 3 1 2 absent, 2-gram 1 2 -> 3 4 2
                     [1, 2, 3, 4, 5, 6, 7, 8, 0, 0]])   # no match
-  drafts, conf = flex.lookup_drafts(hist, jnp.array([8, 8, 8]), 6)
+  drafts, conf = speculation.lookup_drafts(hist, jnp.array([8, 8, 8]), 6)
   np.testing.assert_array_equal(conf, [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0] * 6])
   np.testing.assert_array_equal(drafts[0, :5], [8, 9, 5, 6, 7])
   np.testing.assert_array_equal(drafts[1], [3, 4, 2, 3, 1, 2])

@@ -75,7 +75,7 @@ def test_trainer_loads_an_hf_target_into_its_shardings(tmp_path):
   """train.py's path: with a mesh, an HF folder target comes back already placed."""
   import jax
   from configs import tiny
-  from flexdraft_jax import sharding, trainer
+  from flexdraft_jax import multihost, sharding, trainer
   folder = _hf_folder(tmp_path / "q", "Qwen3ForCausalLM", tied=True)
   c = tiny.get_config()
   c.model, c.dtype = str(folder), "float32"
@@ -87,4 +87,4 @@ def test_trainer_loads_an_hf_target_into_its_shardings(tmp_path):
                                    jax.tree.leaves(want), jax.tree.leaves(dense)):
     assert leaf.sharding == sh, path
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref))
-  assert cfg.qk_norm and trainer.put_global(params, want) is not None
+  assert cfg.qk_norm and multihost.put_global(params, want) is not None

@@ -29,7 +29,7 @@ with `--profile`, and prints a table.
 
   python -m flexdraft_jax.bench --calibrate --drafter=workdir/drafter --batch_sizes=1,2,4,8
 
-instead measures the flex policy's cost table (`flex.CostTable`) and writes
+instead measures the flex policy's cost table (`planner.CostTable`) and writes
 `out_dir/costs.json` (`flex.save_costs`), which `--costs` here and in decode.py
 read:
 - step_ms: one step of each kind at each batch size and verify width w in

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexdraft_jax import flex as flex_lib
+from flexdraft_jax import flex_stats
 from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
 from flexdraft_jax import planner
@@ -99,7 +100,7 @@ def run_flex(work: Workload, groups: Groups, *, mode: str) -> ModeResult:
                  int(st.steps), wall)
   total = lambda f: sum(np.asarray(getattr(st, f)) for st in stats)
   hist = total("verify_hist")
-  summary = flex_lib.summarize(jax.tree.map(lambda *a: sum(a), *stats))
+  summary = flex_stats.summarize(jax.tree.map(lambda *a: sum(a), *stats))
   result.extra = dict(
       tau=float(total("committed").sum() / max(total("row_steps").sum(), 1)),
       forward_passes=int(total("forward_passes")),
