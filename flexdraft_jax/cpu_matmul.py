@@ -38,10 +38,13 @@ import jax.numpy as jnp
 from jax import lax
 
 PANEL = 16  # columns per packed panel (csrc/cpu_matmul.cc: kPanel)
-# Rows up to which the kernel serves a matmul. From python -m flexdraft_jax.matmul_bench
-# on the 2-vCPU dev machine (2026-12-02): the kernel wins clearly up to T = 8-12, ties
-# XLA's dot around 16 and loses above (T = 64: 86 ms against 57 ms for 30 layers).
-DEFAULT_MAX_ROWS = 16
+# Rows up to which the kernel serves a matmul. Above it `dense` unpacks the panels for
+# XLA's dot, and that transpose of every weight costs about 170 ms per SmolLM2 pass, so the
+# kernel is measured against unpack + dot (30 layers' projections, weights passed as
+# arguments, 2-vCPU dev machine, 2026-12-03): T = 16: 25 vs 203 ms, 64: 109 vs 270,
+# 256: 357 vs 464, 512: 721 vs 699, 1024: 1450 vs 1229 (XLA's dot on dense weights:
+# 40, 102, 311, 569, 1049). Decoding steps and a batch-1 prefill chunk stay on the kernel.
+DEFAULT_MAX_ROWS = 256
 LIBRARY = pathlib.Path(__file__).parent / "_cpu" / "libflexdraft_matmul.so"
 # Packed weight dtype -> (FFI target name, handler symbol in the library).
 _TARGETS = {jnp.float32: ("flexdraft_matmul_f32", "FlexdraftMatmulF32"),
