@@ -422,3 +422,19 @@ def test_generate_loop_with_the_kernel_adds_no_cache_copies():
   for unroll in (True, False):  # per-layer panels, and the scan over packed stacks
     on, off = copies(True, unroll), copies(False, unroll)
     assert len(on) <= len(off), "\n".join(on)
+
+
+def test_xla_defaults_are_added_once_and_yield_to_the_user():
+  import flexdraft_jax
+  assert "--xla_cpu_use_fusion_emitters=false" in os.environ["XLA_FLAGS"]  # this process
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  flexdraft_jax.apply_xla_defaults(env)
+  flexdraft_jax.apply_xla_defaults(env)
+  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
+                                      "--xla_cpu_use_fusion_emitters=false"]
+  mine = {"XLA_FLAGS": "--xla_cpu_use_fusion_emitters=true"}
+  flexdraft_jax.apply_xla_defaults(mine)
+  assert mine["XLA_FLAGS"] == "--xla_cpu_use_fusion_emitters=true"
+  off = {"FLEXDRAFT_XLA_DEFAULTS": "0"}
+  flexdraft_jax.apply_xla_defaults(off)
+  assert "XLA_FLAGS" not in off
