@@ -126,13 +126,47 @@ def _usage_checks(argv):
                          ".gguf file or HF folder")
 
 
+def _load_prompts(engine) -> list[str]:
+  """--prompt, or --prompts_file's first --num_prompts (of at most --max_prompt_tokens)."""
+  from flexdraft_jax import prompts as prompts_lib
+  if _PROMPT.value is not None:
+    return [_PROMPT.value]
+  keep = None
+  if _MAX_PROMPT.value is not None:
+    keep = lambda text: len(engine.encode(text)) <= _MAX_PROMPT.value
+  try:
+    prompts = prompts_lib.load_prompt_set(_PROMPTS_FILE.value, _NUM_PROMPTS.value, keep)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from None
+  if not prompts:
+    raise app.UsageError(f"no prompt of {_PROMPTS_FILE.value} has at most "
+                         f"{_MAX_PROMPT.value} tokens")
+  return prompts
+
+
+def _report(engine, mode: str, batch: int, stats) -> None:
+  """The run's one-line summaries on stderr: speed, compiles, the planner's choices."""
+  print(f"[{mode} | {stats.new_tokens} new tokens | {stats.tokens_per_s:.1f} tok/s (compile "
+        f"excluded) | tau {stats.tau:.2f} | {stats.forward_passes} forward passes | compile "
+        f"{stats.compile_s:.1f} s | batch {batch} | {engine.cfg.dtype}]", file=sys.stderr)
+  for line in stats.compiled:
+    print(f"[{line}]", file=sys.stderr)
+  if mode != "ar":
+    kinds = " ".join(f"{k} {n}" for k, n in stats.modes.items() if n)
+    err = stats.calibration_error
+    err = "" if err is None else f" | acceptance model: expected/observed accepted - 1 = {err:+.2f}"
+    print(f"[planner: steps by kind: {kinds} | tau {stats.tau:.2f}{err}]", file=sys.stderr)
+  if _STATS.value:
+    print(f"[steps {stats.steps} | modes {stats.modes} | acceptance by depth "
+          f"{stats.acceptance_by_depth}]", file=sys.stderr)
+
+
 def main(argv):
   _usage_checks(argv)
   from flexdraft_jax import checkpoint  # after flag checks: imports jax
   from flexdraft_jax import cost_cache
   from flexdraft_jax import engine as engine_lib
   from flexdraft_jax import flex as flex_lib
-  from flexdraft_jax import prompts as prompts_lib
   from flexdraft_jax.sampling import SamplingConfig
 
   if _COMPILE_CACHE.value:
@@ -144,19 +178,7 @@ def main(argv):
                                costs=_COSTS.value, prefill_chunk=_PREFILL_CHUNK.value)
   except (checkpoint.DrafterMismatchError, checkpoint.DrafterFileError, ValueError) as e:
     raise app.UsageError(str(e)) from None
-  if _PROMPT.value is not None:
-    prompts = [_PROMPT.value]
-  else:
-    keep = None
-    if _MAX_PROMPT.value is not None:
-      keep = lambda text: len(engine.encode(text)) <= _MAX_PROMPT.value
-    try:
-      prompts = prompts_lib.load_prompt_set(_PROMPTS_FILE.value, _NUM_PROMPTS.value, keep)
-    except (ValueError, FileNotFoundError) as e:
-      raise app.UsageError(str(e)) from None
-    if not prompts:
-      raise app.UsageError(f"no prompt of {_PROMPTS_FILE.value} has at most "
-                           f"{_MAX_PROMPT.value} tokens")
+  prompts = _load_prompts(engine)
   batch = _BATCH.value or min(len(prompts), 8)
   if batch > len(prompts):
     raise app.UsageError(f"--batch_size={batch} is larger than the {len(prompts)} prompt(s)")
@@ -186,19 +208,7 @@ def main(argv):
   for i, r in enumerate(results):
     if not (printer and (batch == 1 or i == 0)):
       print(f">>> {r.prompt}\n{r.text}\n")
-  print(f"[{mode} | {stats.new_tokens} new tokens | {stats.tokens_per_s:.1f} tok/s (compile "
-        f"excluded) | tau {stats.tau:.2f} | {stats.forward_passes} forward passes | compile "
-        f"{stats.compile_s:.1f} s | batch {batch} | {engine.cfg.dtype}]", file=sys.stderr)
-  for line in stats.compiled:
-    print(f"[{line}]", file=sys.stderr)
-  if mode != "ar":
-    kinds = " ".join(f"{k} {n}" for k, n in stats.modes.items() if n)
-    err = stats.calibration_error
-    err = "" if err is None else f" | acceptance model: expected/observed accepted - 1 = {err:+.2f}"
-    print(f"[planner: steps by kind: {kinds} | tau {stats.tau:.2f}{err}]", file=sys.stderr)
-  if _STATS.value:
-    print(f"[steps {stats.steps} | modes {stats.modes} | acceptance by depth "
-          f"{stats.acceptance_by_depth}]", file=sys.stderr)
+  _report(engine, mode, batch, stats)
   if _COMPARE_AR.value and mode != "ar":
     ar, ar_stats = engine.generate(prompts, max_new_tokens=_MAX_NEW.value, batch_size=batch,
                                    sampling=sampling, seed=_SEED.value)
@@ -209,6 +219,7 @@ def main(argv):
     print(f"[ar | {ar_stats.new_tokens} new tokens | {ar_stats.tokens_per_s:.1f} tok/s | {mode} "
           f"speedup over AR: {ar_stats.decode_s / stats.decode_s:.2f}x (same prompts, this run, "
           f"compile excluded){same}]", file=sys.stderr)
+
 
 _parse_flags, _main = cli.wrap(main, "decode.py")  # tests/cli_runner.py calls these in process
 

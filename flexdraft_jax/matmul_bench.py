@@ -93,6 +93,28 @@ def ratios(c: dict, ref: dict) -> dict:
   return r
 
 
+def _paths(host, head):
+  """({path: (layers fn, layer weights, head fn, head weights)}, {path: kernel ISA}): XLA's
+  dot and the kernel (also forced to AVX2 with --avx2, and with f16 weights with --f16).
+  FLEXDRAFT_MATMUL_SIMD takes the ISA before each timing."""
+  paths = {
+      "xla": (jax.jit(xla_pass), tuple({k: jnp.asarray(w) for k, w in lw.items()} for lw in host),
+              jax.jit(lambda w, x: jnp.dot(x, w, preferred_element_type=jnp.float32)),
+              jnp.asarray(head)),
+      "kernel": (jax.jit(kernel_pass), tuple(packed_layer(lw, jnp.float32) for lw in host),
+                 jax.jit(lambda w, x: cpu_matmul.kernel_matmul(x, w, V)),
+                 cpu_matmul.pack(jnp.asarray(head), jnp.float32)),
+  }
+  isa = {"xla": "", "kernel": ""}
+  if _AVX2.value:
+    paths["kernel_avx2"], isa["kernel_avx2"] = paths["kernel"], "avx2"
+  if _F16.value:
+    paths["kernel_f16"] = (paths["kernel"][0], tuple(packed_layer(lw, jnp.float16) for lw in host),
+                           paths["kernel"][2], cpu_matmul.pack(jnp.asarray(head), jnp.float16))
+    isa["kernel_f16"] = ""
+  return paths, isa
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -106,22 +128,7 @@ def main(argv):
   rng = np.random.RandomState(0)
   host = [layer_weights(rng) for _ in range(_LAYERS.value)]
   head = (rng.standard_normal((D, V)) / np.sqrt(D)).astype(np.float32)
-  paths = {
-      "xla": (jax.jit(xla_pass), tuple({k: jnp.asarray(w) for k, w in lw.items()} for lw in host),
-              jax.jit(lambda w, x: jnp.dot(x, w, preferred_element_type=jnp.float32)),
-              jnp.asarray(head)),
-      "kernel": (jax.jit(kernel_pass), tuple(packed_layer(lw, jnp.float32) for lw in host),
-                 jax.jit(lambda w, x: cpu_matmul.kernel_matmul(x, w, V)),
-                 cpu_matmul.pack(jnp.asarray(head), jnp.float32)),
-  }
-  # The kernel's instruction set per path (FLEXDRAFT_MATMUL_SIMD, applied before each timing).
-  isa = {"xla": "", "kernel": ""}
-  if _AVX2.value:
-    paths["kernel_avx2"], isa["kernel_avx2"] = paths["kernel"], "avx2"
-  if _F16.value:
-    paths["kernel_f16"] = (paths["kernel"][0], tuple(packed_layer(lw, jnp.float16) for lw in host),
-                           paths["kernel"][2], cpu_matmul.pack(jnp.asarray(head), jnp.float16))
-    isa["kernel_f16"] = ""
+  paths, isa = _paths(host, head)
 
   def use(p):
     os.environ["FLEXDRAFT_MATMUL_SIMD"] = isa[p]

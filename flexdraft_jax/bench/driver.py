@@ -68,11 +68,8 @@ def load_drafter(opts: Options, cfg: ModelConfig, params, out_dir: pathlib.Path)
 
 
 
-def run(opts: Options) -> dict[str, Any]:
-  """Runs the benchmark; writes and returns {"header": ..., "rows": [...]}."""
-  options_lib.validate(opts)
-
-  tok = tokenizer_lib.load_tokenizer(opts.model)
+def load_prompts(opts: Options, tok) -> list[str]:
+  """--prompts: the first --num_prompts (of at most --max_prompt_tokens tokens)."""
   keep = None
   if opts.max_prompt_tokens is not None:
     keep = lambda t: len(tokenizer_lib.chat_prompt_ids(tok, t)) <= opts.max_prompt_tokens
@@ -84,9 +81,15 @@ def run(opts: Options) -> dict[str, Any]:
     raise app.UsageError(f"--prompts={opts.prompts} has only {len(texts)} prompts" + (
         f" of at most {opts.max_prompt_tokens} tokens" if keep else "") +
                          f"; --num_prompts={opts.num_prompts}")
-  out_dir = pathlib.Path(opts.out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  return texts
 
+
+def load_workload(opts: Options, out_dir: pathlib.Path):
+  """(Workload, drafter header, target fingerprint): tokenizer, prompts, the target in its
+  decoding layout and the drafter."""
+  tok = tokenizer_lib.load_tokenizer(opts.model)
+  texts = load_prompts(opts, tok)
+  out_dir.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   cfg, params = weights.load_model(opts.model, dtype=opts.dtype)
   dcfg, draft, drafter_header = load_drafter(opts, cfg, params, out_dir)
@@ -106,51 +109,48 @@ def run(opts: Options) -> dict[str, Any]:
                   max_new_tokens=opts.max_new_tokens, repeats=opts.repeats,
                   ignore_eos=opts.ignore_eos, verify_strategy=opts.verify_strategy, dcfg=dcfg,
                   draft=draft)
+  return work, drafter_header, fingerprint
 
-  widths = flex_lib.verify_buckets(dcfg.block_size)
-  if draft is not None:
-    folder = pathlib.Path(drafter_header["drafter"])
-    acceptance = (cost_cache.load_acceptance(folder) if opts.costs == "auto"
-                  and not opts.calibrate else None)
-    key = cost_cache.setup_key(
-        cfg, fingerprint, dcfg, cost_cache.drafter_digest(folder) + (
-            "-no_calibration" if opts.no_calibration else ""), unroll, acceptance and acceptance[1])
-    if opts.calibrate:
-      step_ms, counts = calibration.calibrate(work, opts.batch_sizes)
-      head = dict(report.header(opts, cfg), **drafter_header, load_avg_end=report.load_avg())
-      planner.save_json(out_dir / "costs.json",
-                        planner.table_to_json(step_ms, counts, widths, key, head))
-      cost_cache.save_acceptance(out_dir / cost_cache.ACCEPTANCE_FILE, counts, head)
-      if opts.save_acceptance:
-        cost_cache.save_acceptance(folder / cost_cache.ACCEPTANCE_FILE, counts, head)
-      logging.info("wrote %s and %s%s", out_dir / "costs.json", cost_cache.ACCEPTANCE_FILE,
-                   f" (and {folder / cost_cache.ACCEPTANCE_FILE})" if opts.save_acceptance else "")
-      return {"header": head, "step_ms": {b: t.tolist() for b, t in step_ms.items()},
-              "acceptance": {k: v.tolist() for k, v in counts.items()}}
-    if opts.costs == "auto":
-      work.auto_costs = acceptance and (key, acceptance[0])
-    elif opts.costs != "none":
-      try:
-        work.costs = planner.load_tables(opts.costs, widths, cost_cache.identity(key))
-      except planner.CostTableError as e:
-        raise app.UsageError(str(e)) from None
 
-  hf_ref = None
-  if opts.compare_hf:
-    if importlib.util.find_spec("torch") is None:
-      logging.warning("--compare_hf: torch is not installed; skipping the HF comparison")
-    else:
-      start = time.perf_counter()
-      hf_ref = HfReference(opts.model, cfg.dtype, opts.hf_num_threads)
-      logging.info("loaded the HF transformers reference in %.1f s (torch %s, %d threads)",
-                   time.perf_counter() - start, hf_ref.version, hf_ref.num_threads)
+def calibrate(opts: Options, work: Workload, key: dict, drafter_header: dict,
+              out_dir: pathlib.Path) -> dict[str, Any]:
+  """--calibrate: step times and acceptance counts -> costs.json and acceptance.json."""
+  folder = pathlib.Path(drafter_header["drafter"])
+  widths = flex_lib.verify_buckets(work.dcfg.block_size)
+  step_ms, counts = calibration.calibrate(work, opts.batch_sizes)
+  head = dict(report.header(opts, work.cfg), **drafter_header, load_avg_end=report.load_avg())
+  planner.save_json(out_dir / "costs.json", planner.table_to_json(step_ms, counts, widths, key, head))
+  cost_cache.save_acceptance(out_dir / cost_cache.ACCEPTANCE_FILE, counts, head)
+  if opts.save_acceptance:
+    cost_cache.save_acceptance(folder / cost_cache.ACCEPTANCE_FILE, counts, head)
+  logging.info("wrote %s and %s%s", out_dir / "costs.json", cost_cache.ACCEPTANCE_FILE,
+               f" (and {folder / cost_cache.ACCEPTANCE_FILE})" if opts.save_acceptance else "")
+  return {"header": head, "step_ms": {b: t.tolist() for b, t in step_ms.items()},
+          "acceptance": {k: v.tolist() for k, v in counts.items()}}
 
-  result = {"header": report.header(opts, cfg), "rows": []}
-  result["header"].update(unroll_layers=unroll, **drafter_header)
+
+def hf_reference(opts: Options, cfg: ModelConfig) -> HfReference | None:
+  """--compare_hf: transformers on torch CPU, when torch is installed."""
+  if not opts.compare_hf:
+    return None
+  if importlib.util.find_spec("torch") is None:
+    logging.warning("--compare_hf: torch is not installed; skipping the HF comparison")
+    return None
+  start = time.perf_counter()
+  hf_ref = HfReference(opts.model, cfg.dtype, opts.hf_num_threads)
+  logging.info("loaded the HF transformers reference in %.1f s (torch %s, %d threads)",
+               time.perf_counter() - start, hf_ref.version, hf_ref.num_threads)
+  return hf_ref
+
+
+def time_modes(opts: Options, work: Workload, header: dict, out_dir: pathlib.Path) -> dict:
+  """Every mode (and HF) per batch size: {"header", "rows"}, bench.json after each size."""
+  hf_ref = hf_reference(opts, work.cfg)
+  result = {"header": header, "rows": []}
   if hf_ref is not None:
-    result["header"]["torch_num_threads"] = hf_ref.num_threads
+    header["torch_num_threads"] = hf_ref.num_threads
   for b in opts.batch_sizes:
-    groups = make_groups(prompt_ids, b, opts.group_by_length)
+    groups = make_groups(work.prompt_ids, b, opts.group_by_length)
     ours = {}
     for mode in dict.fromkeys(("ar",) + opts.modes):
       logging.info("%s: batch %d, %d group(s)", mode, b, len(groups))
@@ -161,28 +161,59 @@ def run(opts: Options) -> dict[str, Any]:
       hf = hf_ref.run(work, groups)
     for mode in opts.modes:
       result["rows"].append(ties.make_row(mode, b, ours[mode], hf, work, ours["ar"],
-                                     [p for g in groups for p in g]))
+                                          [p for g in groups for p in g]))
     # Written after every batch size, so a run cut short keeps what it measured.
-    result["header"]["load_avg_end"] = report.load_avg()
+    header["load_avg_end"] = report.load_avg()
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
   report.plot_throughput(result["rows"], out_dir / "throughput.png")
   print(report.format_table(result["rows"]))
   logging.info("wrote %s and %s", out_dir / "bench.json", out_dir / "throughput.png")
+  return result
 
+
+def profile(opts: Options, work: Workload, result: dict, out_dir: pathlib.Path) -> list[dict]:
+  """--profile: the AR step's pieces per batch size -> ar_profile.json."""
+  entries = []
+  for b in opts.batch_sizes:
+    logging.info("profile: batch %d", b)
+    entry = profiling.profile_step(work, b, opts.profile_runs)
+    ar_row = next((r for r in result["rows"] if r["mode"] == "ar" and r["batch_size"] == b), None)
+    entry["generate_ms_per_step"] = ar_row["ms_per_step"] if ar_row else None
+    entries.append(entry)
+  out = {"header": dict(result["header"], load_avg_end=report.load_avg()), "profile": entries}
+  (out_dir / "ar_profile.json").write_text(json.dumps(out, indent=2) + "\n")
+  print(report.format_profile(entries))
+  logging.info("wrote %s", out_dir / "ar_profile.json")
+  return entries
+
+
+def run(opts: Options) -> dict[str, Any]:
+  """Runs the benchmark; writes and returns {"header": ..., "rows": [...]}."""
+  options_lib.validate(opts)
+  out_dir = pathlib.Path(opts.out_dir)
+  work, drafter_header, fingerprint = load_workload(opts, out_dir)
+  unroll = isinstance(work.params["layers"], tuple)
+  if work.draft is not None:
+    folder = pathlib.Path(drafter_header["drafter"])
+    acceptance = (cost_cache.load_acceptance(folder) if opts.costs == "auto"
+                  and not opts.calibrate else None)
+    key = cost_cache.setup_key(
+        work.cfg, fingerprint, work.dcfg, cost_cache.drafter_digest(folder) + (
+            "-no_calibration" if opts.no_calibration else ""), unroll, acceptance and acceptance[1])
+    if opts.calibrate:
+      return calibrate(opts, work, key, drafter_header, out_dir)
+    if opts.costs == "auto":
+      work.auto_costs = acceptance and (key, acceptance[0])
+    elif opts.costs != "none":
+      try:
+        work.costs = planner.load_tables(opts.costs, flex_lib.verify_buckets(work.dcfg.block_size),
+                                         cost_cache.identity(key))
+      except planner.CostTableError as e:
+        raise app.UsageError(str(e)) from None
+  header = dict(report.header(opts, work.cfg), unroll_layers=unroll, **drafter_header)
+  result = time_modes(opts, work, header, out_dir)
   if opts.profile:
-    entries = []
-    for b in opts.batch_sizes:
-      logging.info("profile: batch %d", b)
-      entry = profiling.profile_step(work, b, opts.profile_runs)
-      ar_row = next((r for r in result["rows"] if r["mode"] == "ar" and r["batch_size"] == b),
-                    None)
-      entry["generate_ms_per_step"] = ar_row["ms_per_step"] if ar_row else None
-      entries.append(entry)
-    profile = {"header": dict(result["header"], load_avg_end=report.load_avg()), "profile": entries}
-    (out_dir / "ar_profile.json").write_text(json.dumps(profile, indent=2) + "\n")
-    print(report.format_profile(entries))
-    logging.info("wrote %s", out_dir / "ar_profile.json")
-    result["profile"] = entries
+    result["profile"] = profile(opts, work, result, out_dir)
   return result
 
 
