@@ -26,6 +26,23 @@ class SamplingConfig:
     return self.temperature == 0.0
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+  """int32 index of the largest entry over the last axis (the first one on ties; a row
+  without a maximum, NaN, gives V-1), as jnp.argmax for finite logits. Two plain
+  reductions: XLA:CPU's variadic argmax reduce measured 7x slower (2026-12-04, [1, 15,
+  49152]: 3.3 ms against 0.47 ms; [64, 49152]: 13.9 ms against 1.9 ms)."""
+  v = logits.shape[-1]
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(logits == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+  return jnp.minimum(first, v - 1)
+
+
+def top_probability(logits: jax.Array) -> jax.Array:
+  """max(softmax(logits)) over the last axis, f32, without the normalised distribution."""
+  logits = logits.astype(jnp.float32)
+  return 1.0 / jnp.sum(jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), axis=-1)
+
+
 def warp_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """Temperature, then top-k, then top-p; filtered entries become -inf. [..., V] f32."""
   logits = logits.astype(jnp.float32) / cfg.temperature
@@ -46,12 +63,12 @@ def warp_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
 def probabilities(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """The distribution a token is drawn from (one-hot argmax when greedy)."""
   if cfg.greedy:
-    return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    return jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
   return jax.nn.softmax(warp_logits(logits, cfg), axis=-1)
 
 
 def sample(key: jax.Array, logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """Draws token ids [...] from logits [..., V]."""
   if cfg.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return argmax(logits)
   return jax.random.categorical(key, warp_logits(logits, cfg), axis=-1).astype(jnp.int32)

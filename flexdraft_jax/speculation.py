@@ -13,7 +13,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from flexdraft_jax.sampling import SamplingConfig, probabilities, sample
+from flexdraft_jax.sampling import SamplingConfig, argmax, probabilities, sample, top_probability
 
 PLD_NGRAMS = (3, 2)  # n-gram sizes pld looks up, longest first
 
@@ -34,8 +34,8 @@ def candidates(key, logits_BJV, sampling: SamplingConfig, source: int, last_logi
   """Candidates from slot logits [B, J, V]: after a cached clean token whose target
   logits are `last_logits`, or behind a committed, uncached `bonus`."""
   if sampling.greedy:
-    drafts, q = jnp.argmax(logits_BJV, axis=-1).astype(jnp.int32), None
-    conf = jax.nn.softmax(logits_BJV, axis=-1).max(-1)
+    drafts, q = argmax(logits_BJV), None
+    conf = top_probability(logits_BJV)
   else:
     drafts, q = sample(key, logits_BJV, sampling), probabilities(logits_BJV, sampling)
     conf = q.max(-1)
@@ -77,7 +77,7 @@ def verify(key, logits_BKV, drafts_BK, q_BKV, sampling: SamplingConfig, broken: 
   k = drafts_BK.shape[1]
   take = lambda a, i: jnp.take_along_axis(a, i[:, None, None], axis=1)[:, 0]
   if sampling.greedy:
-    target = jnp.argmax(logits_BKV, axis=-1).astype(jnp.int32)
+    target = argmax(logits_BKV)
     acc = leading(target[:, :k] == drafts_BK)
     return acc, jnp.take_along_axis(target, acc[:, None], axis=1)[:, 0]
   k_u, k_b = jax.random.split(key)

@@ -27,6 +27,7 @@ from flexdraft_jax import drafter as drafter_lib
 from flexdraft_jax import sharding as sharding_lib
 from flexdraft_jax.drafter import DrafterConfig
 from flexdraft_jax.model_config import ModelConfig
+from flexdraft_jax.sampling import argmax
 
 Params = Any
 
@@ -104,14 +105,14 @@ def loss_and_metrics(draft: Params, target: Params, batch: dict, *, cfg: ModelCo
   h, clean_logits = drafter_lib.train_outputs(params, cfg, dcfg, batch,
                                               with_clean_logits=argmax_labels)
   labels, valid = slot_targets(batch, dcfg.block_size,
-                               jnp.argmax(clean_logits, -1) if argmax_labels else None)
+                               argmax(clean_logits) if argmax_labels else None)
   bs = dcfg.block_size
   w = (lcfg.slot_decay ** jnp.arange(bs, dtype=jnp.float32)) * valid  # [B,A,Bs]
   z = drafter_lib.slot_logits(params, cfg, h)  # [B,A,Bs,V]
   ce = optax.softmax_cross_entropy_with_integer_labels(z, labels)
   denom = jnp.maximum(w.sum(), 1.0)
   loss = (ce * w).sum() / denom
-  correct = jnp.argmax(z, -1) == labels
+  correct = argmax(z) == labels
   count = jnp.maximum(valid.sum((0, 1)), 1)
   metrics = {"ce": loss, "acc": (correct & valid).sum((0, 1)) / count, "valid_slots": valid.sum()}
   if "calib" in draft:
@@ -122,7 +123,7 @@ def loss_and_metrics(draft: Params, target: Params, batch: dict, *, cfg: ModelCo
     loss_c = (cec * w[:, :, 1:]).sum() / jnp.maximum(w[:, :, 1:].sum(), 1.0)
     loss = loss + lcfg.calib_weight * loss_c
     metrics["ce_calib"] = loss_c
-    metrics["acc_calib"] = ((jnp.argmax(zc, -1) == labels[:, :, 1:]) & valid[:, :, 1:]).sum((0, 1)) / count[1:]
+    metrics["acc_calib"] = ((argmax(zc) == labels[:, :, 1:]) & valid[:, :, 1:]).sum((0, 1)) / count[1:]
   metrics["loss"] = loss
   return loss, metrics
 

@@ -281,3 +281,18 @@ def test_engine_batches_by_length_and_returns_the_given_order():
   for p, c in zip(prompts, out):
     alone, _ = e.generate([p], max_new_tokens=4, batch_size=1)
     assert alone[0].token_ids == c.token_ids, p
+
+
+def test_argmax_and_top_probability_match_jax():
+  """sampling.argmax (max, then the first index of it) is jnp.argmax, ties and -inf
+  included; top_probability is max(softmax)."""
+  from flexdraft_jax import sampling  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  logits = rng.randint(-3, 4, (5, 7, 300)).astype(np.float32)  # many ties
+  logits[0, 0] = -np.inf
+  logits[0, 0, 17] = 0.0  # a delta row: one finite entry
+  logits[1] = rng.randn(7, 300).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(sampling.argmax(logits)), np.argmax(logits, -1))
+  assert sampling.argmax(logits).dtype == np.int32
+  np.testing.assert_allclose(np.asarray(sampling.top_probability(logits)),
+                             np.asarray(jax.nn.softmax(logits, -1).max(-1)), rtol=1e-6)

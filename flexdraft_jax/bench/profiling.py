@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from flexdraft_jax import model as model_lib
+from flexdraft_jax.sampling import argmax
 from flexdraft_jax.bench.workload import PROMPT_BUCKET, Workload
 
 
@@ -18,14 +19,14 @@ def _full_step(params, cache, last_b, *, cfg):
   """One AR decode step as in the loop body: forward over the cache + argmax."""
   logits, cache = model_lib.forward(params, cfg, last_b[:, None], cache=cache,
                                     advance=jnp.zeros_like(cache.lengths))
-  return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
+  return argmax(logits[:, 0]), cache
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def _nocache_step(params, last_b, *, cfg):
   """The same step with no cache: each token attends to itself only."""
   logits, _ = model_lib.forward(params, cfg, last_b[:, None])
-  return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+  return argmax(logits[:, 0])
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -41,7 +42,7 @@ def _layers_nocache(params, last_b, *, cfg):
 def _head(params, x_b1d, *, cfg):
   """Final norm + LM head + argmax."""
   logits = model_lib.lm_logits(params, cfg, model_lib.final_hidden(params, cfg, x_b1d))
-  return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+  return argmax(logits[:, 0])
 
 
 
