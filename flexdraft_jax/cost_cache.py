@@ -120,7 +120,9 @@ def setup_key(cfg, target_fingerprint: str, dcfg, drafter_fingerprint: str, unro
   return {"model": target_fingerprint, "dtype": cfg.dtype, "drafter": drafter_fingerprint,
           "block_size": dcfg.block_size, "device": jax.devices()[0].device_kind,
           "platform": jax.default_backend(), "jax": jax.__version__, "unrolled": unrolled,
-          "matmul": _matmul_path(), "acceptance": acceptance_digest}
+          "matmul": _matmul_path(), "acceptance": acceptance_digest,
+          # How parallel steps run here (tables are measured with FlexConfig's default).
+          "parallel_pass": flex_lib.parallel_pass(flex_lib.FlexConfig())}
 
 
 def identity(key: dict[str, Any]) -> dict[str, Any]:
@@ -133,12 +135,14 @@ def drafter_digest(drafter_dir) -> str:
 
 
 def _matmul_path() -> str:
-  """'xla', or the CPU kernel path in use (flexdraft_jax.cpu_matmul, where built)."""
+  """'xla', or the CPU kernel path in use (flexdraft_jax.cpu_matmul, where built) and the
+  digest of its library, so that a rebuilt kernel measures its own tables."""
   try:
     from flexdraft_jax import cpu_matmul  # pylint: disable=g-import-not-at-top
   except ImportError:
     return "xla"
-  return cpu_matmul._status(cpu_matmul.mode(), jax.default_backend())[1]  # no second notice
+  on, why = cpu_matmul._status(cpu_matmul.mode(), jax.default_backend())  # no second notice
+  return f"{why} {file_digest(cpu_matmul.library_path())}" if on else why
 
 
 def load_acceptance(drafter_dir) -> tuple[planner.AcceptanceModel, str] | None:

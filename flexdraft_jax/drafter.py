@@ -220,8 +220,8 @@ def _dual_layer(cfg: ModelConfig, lp: Params, dp: Params, x_c, x_s, pos_c, pos_s
   x = x_s if x_c is None else jnp.concatenate([x_c, x_s], axis=1)
   h = on_layer(lambda m, x: m.input_norm(x), x)
   q_s, k_s, v_s = attn.apply({"params": dp}, h[:, t:], pos_s, method="project")
-  if x_c is None:
-    q, (k_c, v_c) = q_s, kv_c
+  if x_c is None:  # no clean tokens in this pass (kv_c None: the slots see the cache alone)
+    q, (k_c, v_c) = q_s, (k_s[:, :0], v_s[:, :0]) if kv_c is None else kv_c
   else:
     q_c, k_c, v_c = attn.apply({"params": lp["attn"]}, h[:, :t], pos_c, method="project")
     q = jnp.concatenate([q_c, q_s], axis=1)
@@ -311,10 +311,6 @@ def calibration(params: Params, cfg: ModelConfig, h_BJD, bonus_BJ) -> jax.Array:
   delta = jnp.einsum("...R,RN->...N", jax.nn.silu(u), calib[w2].astype(dt),
                      preferred_element_type=jnp.float32)
   return delta + b2
-  u = jnp.concatenate([e, h_BJD.astype(dt)], axis=-1) @ calib["w1"].astype(dt) + calib["b1"].astype(dt)
-  delta = jnp.einsum("...R,RV->...V", jax.nn.silu(u), calib["w2"].astype(dt),
-                     preferred_element_type=jnp.float32)
-  return delta + calib["b2"].astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -343,6 +339,23 @@ def mixed_pass(params: Params, cfg: ModelConfig, dcfg: DrafterConfig, tokens_BT,
   logits = model_lib.lm_logits(target, cfg, model_lib.final_hidden(target, cfg, x_c))
   h_s = model_lib.final_hidden(target, cfg, x_s).reshape(b, g, dcfg.block_size, -1)
   return logits, h_s, (jnp.concatenate([k0, k1]), jnp.concatenate([v0, v1]))
+
+
+def slot_pass(params: Params, cfg: ModelConfig, dcfg: DrafterConfig, anchors_BG,
+              cache: model_lib.KVCache) -> jax.Array:
+  """G blocks of mask slots alone through layers s..L-1, anchored at cached clean positions
+  anchors_BG (reading the cache, no clean token): final-normed slot states [B,G,Bs,d].
+
+  The slots of `mixed_pass` for a block whose clean context is all cached: the deep
+  layers only, with the draft projectors.
+  """
+  target, draft = params["target"], params["draft"]
+  b, g = anchors_BG.shape
+  slots = Tokens.slots(anchors_BG, dcfg.block_size)
+  _, x_s, _ = run_dual_layers(cfg, dcfg, target["layers"], draft["layers"], None,
+                              slot_inputs(draft, cfg, b, g * dcfg.block_size), None, slots.pos,
+                              visibility(slots, slots), cache)
+  return model_lib.final_hidden(target, cfg, x_s).reshape(b, g, dcfg.block_size, -1)
 
 
 # ----------------------------------------------------------------------------

@@ -16,7 +16,11 @@ L_i = the target's logits at draft i-1:
   drafts are the tokens that followed the latest earlier match of the row's
   last n tokens (n in speculation.PLD_NGRAMS) in its prompt + output, confidence 1 (0 past them);
 - parallel: one pass with groups of slots anchored at n-1+g (g = 0..w); the new
-  drafts are [b] + slots 1.. of group acc, calibrated with b;
+  drafts are [b] + slots 1.. of group acc, calibrated with b. A group's slots see only
+  the clean tokens up to its anchor and their own block, so with
+  `FlexConfig.parallel_pass='split'` the step verifies first and then runs group acc
+  alone (a deep-layers-only pass over the cache): the same drafts for Bs slot tokens
+  instead of (w+1) x Bs;
 - sequential: a target pass over the w drafts, then a pass whose clean token is
   b (cached once) with one block anchored at b.
 Any kind can follow any other: each verifies whatever drafts the row holds.
@@ -54,6 +58,7 @@ from flexdraft_jax.speculation import (Candidates, behind, candidates, leading, 
 
 MODES = ("ar", "parallel", "sequential", "flex", "pld")
 STRATEGIES = ("min_confidence", "cumulative_product", "expected_throughput", "full")
+PARALLEL_PASSES = ("auto", "single", "split")  # see FlexConfig.parallel_pass
 VERIFY_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # static verify widths (see `verify_buckets`)
 # 'flex' without a cost table: parallel while at most this many rows are active, else
 # sequential (the paper finds parallel best at batch <= 2 on Qwen3-8B/A100). A measured
@@ -70,6 +75,12 @@ class FlexConfig:
   max_new_tokens: int = 128
   sampling: SamplingConfig = SamplingConfig()
   prefill_chunk: int = prefill_lib.DEFAULT_CHUNK  # most prompt tokens per prefill pass
+  # How a parallel step runs its slot groups (the drafts are the same either way):
+  # 'single' is ALGORITHM.md's one pass with all w+1 groups; 'split' verifies first, then
+  # runs group acc's block alone through the deep layers, anchored at its last cached token:
+  # 16 slots instead of (w+1) x 16 for a second, deep-layers-only pass. 'auto': split on
+  # CPU, where slot compute dominates a step; single elsewhere (`parallel_pass`).
+  parallel_pass: str = "auto"
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -82,6 +93,19 @@ class FlexConfig:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.prefill_chunk < 1:
       raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+    if self.parallel_pass not in PARALLEL_PASSES:
+      raise ValueError(f"parallel_pass must be one of {PARALLEL_PASSES}, got "
+                       f"{self.parallel_pass!r}")
+
+
+def parallel_pass(fcfg: FlexConfig) -> str:
+  """fcfg.parallel_pass with 'auto' resolved for the default backend: 'split' on CPU (measured
+  2026-12-04, SmolLM2 at batch 1: a parallel step at width 4 cost 61.5 ms single, against
+  22 ms for an ar step), 'single' elsewhere (on the H200 at batch 1 a single pass costs the
+  same with or without its 16-slot groups)."""
+  if fcfg.parallel_pass != "auto":
+    return fcfg.parallel_pass
+  return "split" if jax.default_backend() == "cpu" else "single"
 
 
 def verify_buckets(block_size: int) -> tuple[int, ...]:
@@ -122,6 +146,8 @@ class _Loop:
     self.prompt, self.lens, self.stops, self.broken = prompt_BP, prompt_lens_B, stop_ids_BS, broken
     self.bs, self.sampling, self.b = dcfg.block_size, fcfg.sampling, prompt_BP.shape[0]
     self.kinds = kinds
+    # The kinds whose drafts come from a second pass, after the verify pass and its append.
+    self.second = (SEQUENTIAL,) + ((PARALLEL,) if parallel_pass(fcfg) == "split" else ())
     self.branches = branches(fcfg, self.bs, kinds, only)
     index = np.full((len(KINDS), len(verify_buckets(self.bs))), -1, np.int32)  # (kind, column)
     for i, (k, _, c) in enumerate(self.branches):
@@ -205,6 +231,26 @@ class _Loop:
                       planner.SOURCE_OF[SEQUENTIAL], last_logits=logits[:, 0])
     return cand, kv
 
+  def _draft_split(self, cache, bonus, key):
+    """Split parallel pass 2: group acc's block alone, anchored at the last accepted token
+    (now cached): the drafts of `_parallel`'s group acc, calibrated with b."""
+    h = drafter.slot_pass(self.params, self.cfg, self.dcfg, cache.lengths[:, None] - 1, cache)
+    h = h[:, 0, 1:]  # [B, Bs-1, d]
+    return candidates(key, self._slot_logits(h, jnp.broadcast_to(bonus[:, None], h.shape[:2])),
+                      self.sampling, planner.SOURCE_OF[PARALLEL], bonus=bonus)
+
+  def _second_pass(self, kind, cand, cache, bonus, key, kv):
+    """Pass 2 of the kinds that draft after verifying (sequential; parallel when split), for
+    the step's kind: (candidates, clean (k, v) [L,B,1,..] to append for sequential)."""
+    zeros = jax.tree.map(lambda a: jnp.zeros_like(a[:, :, :1]), kv)
+    fns = {SEQUENTIAL: lambda cache: self._draft(cache, bonus, key),
+           PARALLEL: lambda cache: (self._draft_split(cache, bonus, key), zeros)}
+    passes = [k for k in self.second if k in self.kinds]
+    if set(self.kinds) == set(passes[:1]):
+      return fns[passes[0]](cache)
+    index = sum((kind == k).astype(jnp.int32) * (i + 1) for i, k in enumerate(passes))
+    return lax.switch(index, [lambda cache: (cand, zeros)] + [fns[k] for k in passes], cache)
+
   # -- plan --------------------------------------------------------------------
   def plan(self, s: FlexState):
     """Index into `branches` of this step."""
@@ -236,20 +282,16 @@ class _Loop:
     active = ~s.done
     on = active.astype(jnp.int32)
     key, k_verify, k_draft = jax.random.split(s.key, 3)
-    fns = [functools.partial(self._parallel if k == PARALLEL else self._verify_only, width=w)
-           for k, w, _ in self.branches]
+    fns = [functools.partial(self._parallel if k == PARALLEL and PARALLEL not in self.second
+                             else self._verify_only, width=w) for k, w, _ in self.branches]
     kind = jnp.array([k for k, _, _ in self.branches])[branch]
     width = jnp.array([w for _, w, _ in self.branches])[branch]
     acc, bonus, cand, kv = lax.switch(branch, fns, s.cand, s.cache, (k_verify, k_draft))
     cache = s.cache.append(kv, acc * on)
-    if SEQUENTIAL in self.kinds:
-      if self.kinds == (SEQUENTIAL,):
-        cand, kv = self._draft(cache, bonus, k_draft)
-      else:
-        skip = lambda cache: (cand, jax.tree.map(lambda a: jnp.zeros_like(a[:, :, :1]), kv))
-        cand, kv = lax.cond(kind == SEQUENTIAL, lambda cache: self._draft(cache, bonus, k_draft),
-                            skip, cache)
-      cache = cache.append(kv, on * (kind == SEQUENTIAL))
+    if any(k in self.kinds for k in self.second):
+      cand, kv = self._second_pass(kind, cand, cache, bonus, k_draft, kv)
+      if SEQUENTIAL in self.kinds:
+        cache = cache.append(kv, on * (kind == SEQUENTIAL))
     tokens, count, drafted, stop = self.commit(s, acc, bonus, active)
     if self.on_commit is not None:
       jax.debug.callback(self.on_commit, tokens, count, jnp.minimum(count, drafted), ordered=True)

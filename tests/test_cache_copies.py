@@ -73,3 +73,28 @@ def test_row_writes_agree_between_the_cpu_loop_and_the_accelerator_scatter():
   np.testing.assert_array_equal(scat[2], buf[2])          # untouched layer
   np.testing.assert_array_equal(scat[:2, 2, :, 11:16], new[:, 2])
   np.testing.assert_array_equal(scat[:2, 2, :, :11], buf[:2, 2, :, :11])
+
+
+@pytest.mark.parametrize("parallel_pass", ["single", "split"])
+def test_flex_loop_of_every_kind_copies_no_cache(parallel_pass):
+  """The flex loop with all four kinds (stacked layers): its passes only read the cache
+  inside lax.switch / lax.cond, so nothing cache-sized is copied, with either parallel pass."""
+  from flexdraft_jax import drafter, flex  # pylint: disable=g-import-not-at-top
+  dcfg = drafter.DrafterConfig(num_draft_layers=2, block_size=4, calib_rank=8)
+
+  def decoding():
+    target = model.init_params(CFG, jax.random.key(0))
+    draft = drafter.init_draft(CFG, dcfg, target, jax.random.key(1))
+    return {"target": model.decoding_params(target, False),
+            "draft": drafter.decoding_draft(draft, False)}
+
+  fcfg = flex.FlexConfig(mode="flex", max_new_tokens=8, parallel_pass=parallel_pass)
+  text = flex.compile_flex(jax.eval_shape(decoding), CFG, dcfg, 3, 16, 256, 1, fcfg=fcfg,
+                           kinds=(0, 1, 2, 3)).as_text()
+  dims = ",".join(str(d) for d in jax.eval_shape(lambda: model.KVCache.zeros(CFG, 3, 256)).k.shape)
+  allowed = ("parameter(", "get-tuple-element(", "tuple(", "dynamic-update-slice(", "while(",
+             "bitcast(", "fusion(", "broadcast(", "call(", "conditional(", "constant(")
+  copies = [line.strip()[:160] for line in text.splitlines()
+            if (m := re.match(rf"\s*(ROOT )?%\S+ = f32\[{dims}\]\S* (\S+)", line))
+            and not m.group(2).startswith(allowed)]
+  assert "conditional(" in text and not copies, "\n".join(copies)

@@ -194,6 +194,53 @@ def test_hidden_state_calibration_is_lossless(greedy_setup, tiny_model):
   assert summary["modes"]["parallel"] == summary["steps"]
 
 
+@pytest.mark.parametrize("mode,family", [("parallel", "llama"), ("flex", "qwen3")])
+def test_split_parallel_pass_makes_the_single_pass_drafts(greedy_setup, mode, family):
+  """parallel_pass='split' (verify, then group acc's block alone over the cache) drafts what
+  the single pass's group acc drafts: the same tokens as AR, and the same steps, accepted
+  drafts per step and kinds (parallel at batch 1, sequential in flex at batch 8)."""
+  cfg, params, prompts, ar, stops = greedy_setup[family]
+  batch = 1 if mode == "parallel" else 8
+  runs = {}
+  for how in ("single", "split"):
+    fcfg = dataclasses.replace(case_config(mode, "cumulative_product"), parallel_pass=how)
+    runs[how] = run_flex(cfg, params, prompts[:batch], fcfg, stops[:batch])
+  want = [r[:r.index(s[0]) + 1] if s[0] in r else r for r, s in zip(ar, stops[:batch])]
+  assert runs["single"][0] == runs["split"][0]
+  near_ties(cfg, params["target"], prompts[:batch], want, runs["split"][0])
+  single, split = runs["single"][1], runs["split"][1]
+  assert split["modes"]["parallel"] > 0
+  for k in ("steps", "tau", "modes", "verify_hist", "accept_hist"):
+    assert single[k] == split[k], k
+
+
+@pytest.mark.parametrize("width", [1, 4])
+def test_split_parallel_step_equals_the_single_step(greedy_setup, width):
+  """One parallel step from the same state: both passes commit the same tokens and leave
+  the same candidates (drafts, confidences, last logits) and cache lengths."""
+  cfg, params, prompts, _, _ = greedy_setup["llama"]
+  prompt_BP, lens = generate_lib.pad_prompts(prompts[:3], BUCKET)
+  stops = generate_lib.stop_matrix([-1], 3)
+  out = {}
+  for how in ("single", "split"):
+    fcfg = flex.FlexConfig(mode="parallel", max_new_tokens=M, parallel_pass=how)
+    cache = model_lib.KVCache.zeros(cfg, 3, capacity(prompt_BP.shape[1], fcfg, DCFG))
+    state = flex.prefill_state(params, cache, prompt_BP, lens, stops, jax.random.key(0), cfg=cfg,
+                               dcfg=DCFG, fcfg=fcfg, kinds=(planner.PARALLEL,))
+    # Two steps (each rewound to the prompt's end by timed_step): the first verifies the
+    # prefill's sequential-made drafts, the second the parallel step's calibrated ones.
+    for _ in range(2):
+      state = flex.timed_step(params, state, prompt_BP, lens, stops, cfg=cfg, dcfg=DCFG,
+                              fcfg=fcfg, kind=planner.PARALLEL, width=width)
+    out[how] = jax.device_get(state)
+  single, split = out["single"], out["split"]
+  np.testing.assert_array_equal(single.tokens, split.tokens)
+  np.testing.assert_array_equal(single.cache.lengths, split.cache.lengths)
+  np.testing.assert_array_equal(single.cand.drafts, split.cand.drafts)
+  np.testing.assert_allclose(single.cand.conf, split.cand.conf, rtol=1e-5, atol=1e-6)
+  assert single.cand.conf[:, 1:].max() < 1.0  # real drafts, not only the certain bonus
+
+
 def test_mixed_pass_clean_part_is_the_target(greedy_setup):
   """drafter.mixed_pass (clean tokens + slot groups) + append == model.forward on a filled cache."""
   cfg, params, prompts, _, _ = greedy_setup["llama"]
