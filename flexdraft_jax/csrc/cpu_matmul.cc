@@ -14,7 +14,7 @@
 // Weights are f32 or f16 (widened to f32 in the kernel; f32 math either way).
 // AVX2 + FMA (+ F16C for f16 weights) when the CPU has them, AVX-512F where
 // present for more than 6 rows (one pass per panel up to 24 rows), a portable
-// scalar loop otherwise. Two threads by default for T >= 2: the calling XLA
+// scalar loop otherwise. Two threads by default: the calling XLA
 // thread and a helper task on XLA's intra-op thread pool (see `Run`).
 #include <algorithm>
 #include <array>
@@ -60,10 +60,12 @@ enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 std::atomic<int> g_isa{kAvx2};
 std::atomic<int> g_threads{2};
 constexpr int64_t kMinParallelMacs = 1 << 16;  // below this, threads cost more than they give
-// One row is memory-bound: one core streams the weights as fast as two (30 layers of
-// SmolLM2: 14 ms on one thread, 17 ms on two), and skips waiting on a helper that a
-// busy CPU has descheduled.
-constexpr int64_t kMinParallelRows = 2;
+// One row is memory-bound, and whether a second core streams it faster depends on the
+// machine: on the 2-vCPU Zen 3 dev machine (2026-12-02) one thread was faster (30 SmolLM2
+// layers: 14 ms against 17 ms on two); on the 2-vCPU AVX-512 EPYC of 2026-12-04 two were
+// (13.6 against 11.6 ms; an AR step 21.8 against 19.0 ms, interleaved in one process).
+// FLEXDRAFT_MATMUL_THREADS=1 gives one thread for every row count.
+constexpr int64_t kMinParallelRows = 1;
 
 // The best instruction set this CPU runs: AVX-512F (+ AVX2/FMA/F16C), AVX2 +
 // FMA + F16C, or none.
