@@ -151,10 +151,11 @@ def time_modes(opts: Options, work: Workload, header: dict, out_dir: pathlib.Pat
     header["torch_num_threads"] = hf_ref.num_threads
   for b in opts.batch_sizes:
     groups = make_groups(work.prompt_ids, b, opts.group_by_length)
-    ours = {}
-    for mode in dict.fromkeys(("ar",) + opts.modes):
-      logging.info("%s: batch %d, %d group(s)", mode, b, len(groups))
-      ours[mode] = runners.MODES[mode](work, groups)
+    modes = list(dict.fromkeys(("ar",) + opts.modes))
+    logging.info("batch %d, %d group(s): %s, timed in interleaved rounds", b, len(groups),
+                 ", ".join(modes))
+    ours = runners.time_interleaved({m: runners.MODES[m](work, groups) for m in modes},
+                                    work.repeats)
     hf = None
     if hf_ref is not None:
       logging.info("hf: batch %d, %d group(s)", b, len(groups))

@@ -1,8 +1,17 @@
-"""The timed decoding modes: our AR loop and `flex.flex_generate` in each mode."""
+"""The timed decoding modes: our AR loop and `flex.flex_generate` in each mode.
+
+A runner is a generator over the groups of one batch size: for each group it
+compiles (once per shape) and warms up, yields a call that decodes the group
+once, and gets back (that call's last output, its median wall time) from
+`time_interleaved`, which times every mode's call of a group in the same
+rounds. It returns the mode's `ModeResult`.
+"""
 from __future__ import annotations
 
 import functools
+import statistics
 import time
+from typing import Generator
 
 from absl import logging
 import jax
@@ -15,11 +24,11 @@ from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
 from flexdraft_jax import planner
 from flexdraft_jax.bench.workload import (
-    PROMPT_BUCKET, GroupRun, Groups, ModeResult, Runner, Workload, median_wall)
+    PROMPT_BUCKET, GroupRun, Groups, ModeResult, Runner, Workload)
 from flexdraft_jax.sampling import SamplingConfig
 
 
-def run_ar(work: Workload, groups: Groups) -> ModeResult:
+def run_ar(work: Workload, groups: Groups) -> Generator:
   """Our jitted AR loop (`generate.generate`), one executable per (batch, width)."""
   m = work.max_new_tokens
   result = ModeResult(groups=[])
@@ -49,7 +58,7 @@ def run_ar(work: Workload, groups: Groups) -> ModeResult:
       slot[1] = out[3]
       return out
 
-    wall, (tokens, num_new, steps, _) = median_wall(call, work.repeats)
+    (tokens, num_new, steps, _), wall = yield call
     tokens, num_new = np.asarray(tokens), np.asarray(num_new)
     run = GroupRun(tokens=[tokens[r, :num_new[r]].tolist() for r in range(b)],
                    new_tokens=int(num_new.sum()), steps=int(steps), wall_s=wall)
@@ -61,7 +70,7 @@ def run_ar(work: Workload, groups: Groups) -> ModeResult:
   return result
 
 
-def run_flex(work: Workload, groups: Groups, *, mode: str) -> ModeResult:
+def run_flex(work: Workload, groups: Groups, *, mode: str) -> Generator:
   """`flex.flex_generate` in `mode`, one executable per (batch, width); FlexStats summed."""
   m, bs = work.max_new_tokens, work.dcfg.block_size
   fcfg = flex_lib.FlexConfig(mode=mode, verify_strategy=work.verify_strategy, max_new_tokens=m)
@@ -91,7 +100,7 @@ def run_flex(work: Workload, groups: Groups, *, mode: str) -> ModeResult:
       slot[1] = out[3]
       return out
 
-    wall, (tokens, num_new, st, _) = median_wall(call, work.repeats)
+    (tokens, num_new, st, _), wall = yield call
     tokens, num_new, st = np.asarray(tokens), np.asarray(num_new), jax.device_get(st)
     stats.append(st)
     result.groups.append(GroupRun(tokens=[tokens[r, :num_new[r]].tolist() for r in range(b)],
@@ -113,6 +122,34 @@ def run_flex(work: Workload, groups: Groups, *, mode: str) -> ModeResult:
       observed_accepted=summary["observed_accepted"],
       calibration_error=summary["calibration_error"])
   return result
+
+
+def time_interleaved(runs: dict[str, Generator], repeats: int) -> dict[str, ModeResult]:
+  """Drives the runners group by group. Each round calls every mode's call of the group
+  once, mode after mode, so that a machine whose speed drifts over minutes skews all modes
+  alike (their ratios come from one run); each runner gets back the last output and the
+  median over `repeats` rounds. Returns each mode's ModeResult."""
+  results, calls = {}, {}
+
+  def advance(mode, value=None):
+    try:
+      calls[mode] = runs[mode].send(value)
+    except StopIteration as stop:
+      calls.pop(mode, None)
+      results[mode] = stop.value
+
+  for mode in runs:
+    advance(mode)
+  while calls:
+    walls, outs = {m: [] for m in calls}, {}
+    for _ in range(repeats):
+      for mode, call in calls.items():
+        start = time.perf_counter()
+        outs[mode] = jax.block_until_ready(call())
+        walls[mode].append(time.perf_counter() - start)
+    for mode in list(calls):
+      advance(mode, (outs[mode], statistics.median(walls[mode])))
+  return results
 
 
 # Mode name -> runner.

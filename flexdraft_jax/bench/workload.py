@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 from absl import logging
 import jax
@@ -82,7 +82,7 @@ class ModeResult:
 
 
 Groups = list[list[list[int]]]
-Runner = Callable[[Workload, Groups], ModeResult]
+Runner = Callable[[Workload, Groups], Generator]  # see runners: yields calls, returns a ModeResult
 
 
 def median_wall(call: Callable[[], Any], repeats: int) -> tuple[float, Any]:
