@@ -282,3 +282,23 @@ def test_groups_by_length_are_longest_first_and_leave_out_the_shortest():
   ids = [[0] * n for n in (3, 9, 1, 7, 5)]
   assert [[len(r) for r in g] for g in make_groups(ids, 2)] == [[3, 9], [1, 7]]
   assert [[len(r) for r in g] for g in make_groups(ids, 2, by_length=True)] == [[9, 7], [5, 3]]
+
+
+def test_time_interleaved_rounds_alternate_the_mode_order():
+  """Every round calls each mode's group once, forward then reversed; each runner gets its
+  last output and median wall back per group and returns its result."""
+  order = []
+
+  def runner(name, groups):
+    got = []
+    for g in range(groups):
+      out, wall = yield lambda g=g: order.append((name, g)) or (name, g)
+      assert out == (name, g) and wall >= 0.0
+      got.append(g)
+    return got
+
+  results = runners.time_interleaved({m: runner(m, 2) for m in ("a", "b", "c")}, repeats=3)
+  assert results == {"a": [0, 1], "b": [0, 1], "c": [0, 1]}
+  fwd, rev = ["a", "b", "c"], ["c", "b", "a"]
+  assert [m for m, _ in order] == (fwd + rev + fwd) * 2
+  assert [g for _, g in order] == [0] * 9 + [1] * 9

@@ -71,7 +71,8 @@ _PROFILE = flags.DEFINE_bool("profile", False,
                              "Also time the pieces of one AR decode step (ar_profile.json).")
 _PROFILE_RUNS = flags.DEFINE_integer("profile_runs", 20, "Timed runs per profiled piece.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed rounds per group (each round runs every "
-                                "mode once, mode after mode); the median is reported.")
+                                "mode once, in reverse order every other round); the median is "
+                                "reported.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,8 +126,9 @@ def run_flex(work: Workload, groups: Groups, *, mode: str) -> Generator:
 
 def time_interleaved(runs: dict[str, Generator], repeats: int) -> dict[str, ModeResult]:
   """Drives the runners group by group. Each round calls every mode's call of the group
-  once, mode after mode, so that a machine whose speed drifts over minutes skews all modes
-  alike (their ratios come from one run); each runner gets back the last output and the
+  once, mode after mode (in reverse order every other round, so that a steady drift of
+  the machine's speed evens out over two rounds), so that all modes are measured side by
+  side (their ratios come from one run); each runner gets back the last output and the
   median over `repeats` rounds. Returns each mode's ModeResult."""
   results, calls = {}, {}
 
@@ -142,8 +143,8 @@ def time_interleaved(runs: dict[str, Generator], repeats: int) -> dict[str, Mode
     advance(mode)
   while calls:
     walls, outs = {m: [] for m in calls}, {}
-    for _ in range(repeats):
-      for mode, call in calls.items():
+    for r in range(repeats):
+      for mode, call in (list(calls.items()) if r % 2 == 0 else reversed(calls.items())):
         start = time.perf_counter()
         outs[mode] = jax.block_until_ready(call())
         walls[mode].append(time.perf_counter() - start)
