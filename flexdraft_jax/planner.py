@@ -43,7 +43,10 @@ SOURCE_OF = (LOOKUP, LOOKUP, 1, 2)  # kind -> the source of the drafts its step 
 NUM_BINS = 10                       # confidence bins of the acceptance model
 KEEP = 0.9  # compile a kind whose stationary rate is at least this share of the best kind's
 # ... and, for a speculative kind, at least this factor over ar's: a near tie is measurement
-# noise, and carrying a branch costs (about 30% at batch 1 on XLA:CPU).
+# noise, and carrying a branch costs. `scripts/branch_cost.py`, SmolLM2 at batch 1 on the
+# 2-vCPU CPU with the kernel (2026-12-04, two runs): the flex loop carrying pld but taking
+# only ar steps was 0.7-3.5% slower than the AR loop, and with the measured table (pld
+# rates 1.01x ar's) 0.97-1.03x it (about 30% when the layers were unrolled, before).
 MARGIN = 1.1
 FORMAT = 2  # cost table file format
 PRIOR = 2.0  # pseudo-counts that pull a sparse bin towards its depth's overall rate
