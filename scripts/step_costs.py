@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import pathlib
+import platform
 import statistics
 import sys
 import time
@@ -30,7 +32,6 @@ from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
 from flexdraft_jax import planner
 from flexdraft_jax import resources
-from flexdraft_jax.bench import report
 
 _DRAFTER = flags.DEFINE_string("drafter", "drafters/smollm2-135m-instruct", "exported drafter")
 _BATCH = flags.DEFINE_integer("batch_size", 1, "rows")
@@ -77,7 +78,7 @@ def main(argv):
     print(f"round {r + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()), file=sys.stderr)
   names = list(rounds[0])
   header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpu_model": report._cpu_model(), "load_avg_end": report.load_avg(),  # pylint: disable=protected-access
+            "cpu_model": platform.processor(), "load_avg_end": list(os.getloadavg()),
             "jax": jax.__version__, "backend": jax.default_backend(),
             "matmul": cpu_matmul.status()[1], "batch_size": b, "context": ctx,
             "drafter": _DRAFTER.value, "command": " ".join(sys.orig_argv)}
