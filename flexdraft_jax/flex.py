@@ -190,8 +190,8 @@ class _Loop:
     zeros = jax.tree.map(lambda a: jnp.zeros_like(a[:, :, :1]), kv)
     fns = {SEQUENTIAL: lambda cache: self._draft(cache, bonus, key),
            PARALLEL: lambda cache: (self._draft_split(cache, bonus, key), zeros)}
-    passes = [k for k in self.second if k in self.kinds]
-    if set(self.kinds) == set(passes[:1]):
+    passes = [k for k in self.second if k in self.kinds]  # not empty: see `step`
+    if len(self.kinds) == 1:  # the program's one kind drafts after verifying: no switch
       return fns[passes[0]](cache)
     index = sum((kind == k).astype(jnp.int32) * (i + 1) for i, k in enumerate(passes))
     return lax.switch(index, [lambda cache: (cand, zeros)] + [fns[k] for k in passes], cache)
