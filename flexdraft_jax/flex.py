@@ -157,10 +157,16 @@ class _Loop:
     logits, h, kv = drafter.mixed_pass(self.params, self.cfg, self.dcfg, c.drafts[:, :width],
                                        anchors, cache)
     acc, bonus = self._judge(c, logits, width, keys[0])
-    h_acc = jnp.take_along_axis(h, acc[:, None, None, None], axis=1)[:, 0, 1:]  # [B, Bs-1, d]
-    z = self._slot_logits(h_acc, jnp.broadcast_to(bonus[:, None], h_acc.shape[:2]))
-    cand = candidates(keys[1], z, self.sampling, planner.SOURCE_OF[PARALLEL], bonus=bonus)
+    h_acc = jnp.take_along_axis(h, acc[:, None, None, None], axis=1)[:, 0]  # [B, Bs, d]
+    cand = self._parallel_candidates(h_acc, bonus, keys[1])
     return acc, bonus, cand, _padded(kv, width, self.bs)
+
+  def _parallel_candidates(self, h_BSD, bonus, key):
+    """[b] + slots 1.. of the accepted group's final-normed states [B, Bs, d], calibrated
+    with b: the drafts of a parallel step, single or split."""
+    h = h_BSD[:, 1:]
+    z = self._slot_logits(h, jnp.broadcast_to(bonus[:, None], h.shape[:2]))
+    return candidates(key, z, self.sampling, planner.SOURCE_OF[PARALLEL], bonus=bonus)
 
   def _verify_only(self, c: Candidates, cache, keys, width):
     """ar / pld / sequential pass 1: the target alone verifies; the next drafts come later."""
@@ -180,9 +186,7 @@ class _Loop:
     """Split parallel pass 2: group acc's block alone, anchored at the last accepted token
     (now cached): the drafts of `_parallel`'s group acc, calibrated with b."""
     h = drafter.slot_pass(self.params, self.cfg, self.dcfg, cache.lengths[:, None] - 1, cache)
-    h = h[:, 0, 1:]  # [B, Bs-1, d]
-    return candidates(key, self._slot_logits(h, jnp.broadcast_to(bonus[:, None], h.shape[:2])),
-                      self.sampling, planner.SOURCE_OF[PARALLEL], bonus=bonus)
+    return self._parallel_candidates(h[:, 0], bonus, key)
 
   def _second_pass(self, kind, cand, cache, bonus, key, kv):
     """Pass 2 of the kinds that draft after verifying (sequential; parallel when split), for
