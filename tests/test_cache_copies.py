@@ -29,22 +29,32 @@ def _compiled_hlo(batch: int, capacity: int, unroll: bool) -> tuple[str, str]:
 # loop (per prompt chunk, prefill.clean_chunks). Counted per computation.
 _ALLOWED_COPIES = {False: 0, True: 4}
 _LOOPS_WITH_COPIES = {False: 0, True: 2}
+# Any instruction that produces a whole-cache array, other than parameters, loop plumbing
+# and the in-place dynamic-update-slice, is a copy.
+ALLOWED = ("parameter(", "get-tuple-element(", "tuple(", "dynamic-update-slice(", "while(",
+           "bitcast(", "fusion(", "broadcast(", "call(", "conditional(", "constant(")
+
+
+def cache_copy(line: str, dims: str) -> bool:
+  """Whether an HLO line makes a cache-sized f32[dims] array that is not in ALLOWED."""
+  m = re.match(rf"\s*(ROOT )?%\S+ = f32\[{dims}\]\S* (\S+)", line)
+  return bool(m) and not m.group(2).startswith(ALLOWED)
+
+
+def cache_copies(text: str, dims: str) -> list[str]:
+  """The cache copies of a compiled program's HLO text (`cache_copy`), shortened."""
+  return [line.strip()[:160] for line in text.splitlines() if cache_copy(line, dims)]
 
 
 @pytest.mark.parametrize("unroll", [False, True])
 def test_cache_sized_buffers_are_not_copied(unroll):
   text, dims = _compiled_hlo(batch=3, capacity=256, unroll=unroll)
-  # Any instruction that produces a whole-cache array, other than parameters,
-  # loop plumbing and the in-place dynamic-update-slice, is a copy.
-  allowed = ("parameter(", "get-tuple-element(", "tuple(", "dynamic-update-slice(", "while(",
-             "bitcast(", "fusion(", "broadcast(", "call(", "conditional(", "constant(")
-  offenders, computation = {}, None
+  offenders, computation = {}, None  # copies per computation
   for line in text.splitlines():
     head = re.match(r"^(ENTRY )?(%\S+) ", line)
     if head:
       computation = head.group(2)
-    m = re.match(rf"\s*(ROOT )?%\S+ = f32\[{dims}\]\S* (\S+)", line)
-    if m and not m.group(2).startswith(allowed):
+    if cache_copy(line, dims):
       offenders.setdefault(computation, []).append(line.strip()[:160])
   report = "\n".join(f"{c}: {l}" for c, lines in offenders.items() for l in lines)
   assert len(offenders) <= _LOOPS_WITH_COPIES[unroll], report
@@ -92,9 +102,5 @@ def test_flex_loop_of_every_kind_copies_no_cache(parallel_pass):
   text = flex.compile_flex(jax.eval_shape(decoding), CFG, dcfg, 3, 16, 256, 1, fcfg=fcfg,
                            kinds=(0, 1, 2, 3)).as_text()
   dims = ",".join(str(d) for d in jax.eval_shape(lambda: model.KVCache.zeros(CFG, 3, 256)).k.shape)
-  allowed = ("parameter(", "get-tuple-element(", "tuple(", "dynamic-update-slice(", "while(",
-             "bitcast(", "fusion(", "broadcast(", "call(", "conditional(", "constant(")
-  copies = [line.strip()[:160] for line in text.splitlines()
-            if (m := re.match(rf"\s*(ROOT )?%\S+ = f32\[{dims}\]\S* (\S+)", line))
-            and not m.group(2).startswith(allowed)]
+  copies = cache_copies(text, dims)
   assert "conditional(" in text and not copies, "\n".join(copies)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import re
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ import pytest
 from flexdraft_jax import cpu_matmul, generate, model
 from flexdraft_jax.model_config import ModelConfig
 from flexdraft_jax.sampling import SamplingConfig
+from tests import test_cache_copies as cc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-5  # relative to the largest |entry| of the reference
@@ -353,19 +353,6 @@ CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_si
                   num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8)
 
 
-def _cache_copies(text: str, dims: str) -> list[str]:
-  """Cache-sized results that are not parameters, loop plumbing or in-place updates
-  (the rule of tests/test_cache_copies.py)."""
-  allowed = ("parameter(", "get-tuple-element(", "tuple(", "dynamic-update-slice(", "while(",
-             "bitcast(", "fusion(", "broadcast(", "call(", "conditional(", "constant(")
-  out = []
-  for line in text.splitlines():
-    m = re.match(rf"\s*(ROOT )?%\S+ = f32\[{dims}\]\S* (\S+)", line)
-    if m and not m.group(2).startswith(allowed):
-      out.append(line.strip()[:160])
-  return out
-
-
 def _switch_loop_hlo(pack: bool) -> tuple[str, str]:
   """A decode-like loop: while_loop { switch(width 1 | width 2) + cond(head) } with the
   cache donated and written outside the branches, as flex.py does."""
@@ -401,13 +388,12 @@ def test_kernel_in_while_switch_cond_adds_no_cache_copies():
   text_on, dims = _switch_loop_hlo(pack=True)
   text_off, _ = _switch_loop_hlo(pack=False)
   assert "flexdraft_matmul_f32" in text_on and "flexdraft_matmul" not in text_off
-  on, off = _cache_copies(text_on, dims), _cache_copies(text_off, dims)
+  on, off = cc.cache_copies(text_on, dims), cc.cache_copies(text_off, dims)
   assert len(on) <= len(off), "\n".join(on)
 
 
 def test_generate_loop_with_the_kernel_adds_no_cache_copies():
   """generate's loop (test_cache_copies' model) copies the cache no more with the kernel."""
-  from tests import test_cache_copies as cc
   cache = jax.eval_shape(lambda: model.KVCache.zeros(cc.CFG, 3, 256))
   dims = ",".join(str(d) for d in cache.k.shape)
 
@@ -417,7 +403,7 @@ def test_generate_loop_with_the_kernel_adds_no_cache_copies():
     text = generate.compile_generate(params, cc.CFG, 3, 16, 256, 1, max_new_tokens=8,
                                      sampling=SamplingConfig()).as_text()
     assert ("flexdraft_matmul_f32" in text) == pack
-    return _cache_copies(text, dims)
+    return cc.cache_copies(text, dims)
 
   for unroll in (True, False):  # per-layer panels, and the scan over packed stacks
     on, off = copies(True, unroll), copies(False, unroll)
