@@ -46,6 +46,11 @@ _STREAM = flags.DEFINE_bool("stream", False, "Print the first row's tokens as th
 _DRAFTER = flags.DEFINE_string(
     "drafter", "auto", "Exported drafter folder (train.py's workdir/drafter); 'auto' = the "
     "drafter shipped in drafters/ for the default model (none for other models); 'none' = AR.")
+_DRAFT_VOCAB = flags.DEFINE_integer(
+    "draft_vocab", None, "Tokens the drafts are drawn from: the most frequent in the "
+    "drafter's training data (its token_counts.npz). Default: 16384 where the drafter has "
+    "counts (drafter.DEFAULT_DRAFT_VOCAB); 0 = the whole vocabulary. Verification always "
+    "uses the target's whole vocabulary, so the output is the same.")
 _COMPARE_AR = flags.DEFINE_bool(
     "compare_ar", False, "Also decode the prompts with plain AR and print the speedup measured "
     "in this run: after a warm-up run of each, ar, mode, mode, ar are timed (and, when "
@@ -176,7 +181,8 @@ def main(argv):
   try:
     engine = engine_lib.Engine(_MODEL.value, None if _DTYPE.value == "auto" else _DTYPE.value,
                                chat_template=_CHAT.value, drafter=_drafter_path(),
-                               costs=_COSTS.value, prefill_chunk=_PREFILL_CHUNK.value)
+                               costs=_COSTS.value, prefill_chunk=_PREFILL_CHUNK.value,
+                               draft_vocab=_DRAFT_VOCAB.value)
   except (checkpoint.DrafterMismatchError, checkpoint.DrafterFileError, ValueError) as e:
     raise app.UsageError(str(e)) from None
   prompts = _load_prompts(engine)

@@ -41,6 +41,9 @@ DRAFTER_FORMAT = "flexdraft-jax-drafter"
 DRAFTER_VERSION = 1
 WEIGHTS_FILE = "drafter.safetensors"
 META_FILE = "drafter.json"
+# Response token counts of the drafter's training data: its draft vocabulary
+# (drafter.vocab_ids / restrict_vocab), optional.
+TOKEN_COUNTS_FILE = "token_counts.npz"
 EXPORT_DTYPES = ("bfloat16", "float32")
 SAMPLE_SIZE = 4096  # most values hashed per target leaf
 
@@ -301,14 +304,35 @@ def _short(value: Any) -> str:
   return f"{value[:16]}…" if isinstance(value, str) and len(value) > 16 else repr(value)
 
 
-def load_drafter(path_dir_or_json: str | os.PathLike, target_config: dict,
-                 fingerprint: str | None, dtype: str | None = None) -> tuple[dict, dict]:
-  """Loads an exported drafter for this target: (drafter config, nested params of jnp arrays).
+def save_token_counts(path_dir: str | os.PathLike, counts) -> pathlib.Path:
+  """Writes the drafter's token counts [V] (`data.token_counts`) beside its weights."""
+  out = pathlib.Path(path_dir) / TOKEN_COUNTS_FILE
+  def write(tmp):
+    with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to the name
+      np.savez_compressed(f, counts=np.asarray(counts, np.int64))
+  _replace_into(out, write)
+  return out
 
-  Raises DrafterMismatchError naming every target field (and the fingerprint,
-  unless None) that differs, DrafterFileError for a missing or corrupt file.
-  Floats are cast to `dtype` when given.
-  """
+
+def load_token_counts(path_dir: str | os.PathLike, vocab_size: int) -> np.ndarray | None:
+  """The drafter's token counts [vocab_size], None when it has none; DrafterFileError for a
+  corrupt file or one for another vocabulary."""
+  path = pathlib.Path(path_dir) / TOKEN_COUNTS_FILE
+  if not path.is_file():
+    return None
+  try:
+    with np.load(path) as f:
+      counts = np.asarray(f["counts"])
+  except (OSError, ValueError, KeyError) as e:
+    raise DrafterFileError(f"{path} is corrupt: {e}") from None
+  if counts.shape != (vocab_size,) or counts.min(initial=0) < 0:
+    raise DrafterFileError(f"{path} holds counts of shape {counts.shape}; this target has "
+                           f"{vocab_size} tokens")
+  return counts
+
+
+def drafter_meta(path_dir_or_json: str | os.PathLike) -> dict:
+  """drafter.json of an export, checked for format and version (DrafterFileError)."""
   path = pathlib.Path(path_dir_or_json)
   meta_path = path if path.suffix == ".json" else path / META_FILE
   try:
@@ -322,6 +346,20 @@ def load_drafter(path_dir_or_json: str | os.PathLike, target_config: dict,
   if meta.get("version") != DRAFTER_VERSION:
     raise DrafterFileError(f"{meta_path} has version {meta.get('version')!r}; this code reads "
                            f"version {DRAFTER_VERSION}")
+  return meta
+
+
+def load_drafter(path_dir_or_json: str | os.PathLike, target_config: dict,
+                 fingerprint: str | None, dtype: str | None = None) -> tuple[dict, dict]:
+  """Loads an exported drafter for this target: (drafter config, nested params of jnp arrays).
+
+  Raises DrafterMismatchError naming every target field (and the fingerprint,
+  unless None) that differs, DrafterFileError for a missing or corrupt file.
+  Floats are cast to `dtype` when given.
+  """
+  path = pathlib.Path(path_dir_or_json)
+  meta_path = path if path.suffix == ".json" else path / META_FILE
+  meta = drafter_meta(meta_path)
   trained_for = meta.get("target", {})
   expected = _target_arch(target_config)
   if fingerprint is not None:

@@ -114,13 +114,14 @@ IDENTITY = ("model", "dtype", "drafter", "block_size")  # what an explicit table
 
 
 def setup_key(cfg, target_fingerprint: str, dcfg, drafter_fingerprint: str, unrolled: bool,
-              acceptance_digest: str | None = None) -> dict[str, Any]:
+              acceptance_digest: str | None = None, draft_vocab: int = 0) -> dict[str, Any]:
   """What a measured step time depends on (the batch size is a key of the table); an
   explicit table (`bench --calibrate`) is checked on the IDENTITY fields only."""
   return {"model": target_fingerprint, "dtype": cfg.dtype, "drafter": drafter_fingerprint,
           "block_size": dcfg.block_size, "device": jax.devices()[0].device_kind,
           "platform": jax.default_backend(), "jax": jax.__version__, "unrolled": unrolled,
           "matmul": _matmul_path(), "acceptance": acceptance_digest,
+          "draft_vocab": draft_vocab,  # tokens drafts are drawn from (0: all)
           # How parallel steps run here (tables are measured with FlexConfig's default).
           "parallel_pass": flex_lib.parallel_pass(flex_lib.FlexConfig())}
 

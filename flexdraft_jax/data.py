@@ -161,6 +161,11 @@ class TokenDataset:
   def __len__(self) -> int:
     return len(self._index)
 
+  def response_token_counts(self, vocab_size: int) -> np.ndarray:
+    """How often each token id occurs in the responses, [vocab_size] int64 (what a drafter
+    trained on this data learns to predict; `drafter.vocab_ids` ranks by it)."""
+    return response_token_counts(self._tokens, self._index, vocab_size)
+
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     offset, prompt_len, response_len = self._index[i]
     tokens = np.array(self._tokens[offset:offset + prompt_len + response_len], np.int32)
@@ -168,6 +173,30 @@ class TokenDataset:
     if self.with_offsets:
       row["token_offsets"] = np.arange(offset + 1, offset + 1 + len(tokens), dtype=np.int64)
     return row
+
+
+def response_token_counts(tokens, index, vocab_size: int) -> np.ndarray:
+  """Token counts [vocab_size] over the response spans of `index` rows (offset, prompt_len,
+  response_len) of `tokens`."""
+  counts = np.zeros(vocab_size, np.int64)
+  for offset, prompt_len, response_len in np.asarray(index):
+    start = offset + prompt_len
+    counts += np.bincount(np.asarray(tokens[start:start + response_len], np.int64),
+                          minlength=vocab_size)[:vocab_size]
+  return counts
+
+
+def token_counts(source: str | pathlib.Path, vocab_size: int, split: str = "train") -> np.ndarray:
+  """Response token counts of a dataset directory, or of split `split` of an archive."""
+  source = pathlib.Path(source)
+  if source.suffix != ".npz":
+    return TokenDataset(source).response_token_counts(vocab_size)
+  try:
+    with np.load(source) as archive:
+      tokens, index = archive[f"{split}_tokens"], archive[f"{split}_index"]
+  except (OSError, ValueError, KeyError) as e:
+    raise DatasetError(f"{source}: not a dataset archive with a {split!r} split ({e})") from None
+  return response_token_counts(tokens, index, vocab_size)
 
 
 # ----------------------------------------------------------------------------
@@ -390,7 +419,11 @@ def grain_checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool = Fa
 
 
 def _main(argv: Sequence[str]) -> int:
-  """python -m flexdraft_jax.data OUT.npz SPLIT=DIR [SPLIT=DIR ...]: write_archive."""
+  """python -m flexdraft_jax.data OUT.npz SPLIT=DIR [SPLIT=DIR ...]: write_archive;
+  python -m flexdraft_jax.data token_counts DRAFTER_DIR DATA (a dataset dir or archive):
+  writes the drafter's token counts (its draft vocabulary, `drafter.restrict_vocab`)."""
+  if argv[:1] == ["token_counts"]:
+    return _write_token_counts(argv[1:])
   pairs = [a.split("=", 1) for a in argv[1:]]
   if len(argv) < 2 or not argv[0].endswith(".npz") or any(len(p) != 2 for p in pairs):
     print("usage: python -m flexdraft_jax.data OUT.npz train=DIR heldout=DIR", file=sys.stderr)
@@ -404,6 +437,23 @@ def _main(argv: Sequence[str]) -> int:
     print(f"{argv[0]}: {split} {meta['rows']} rows, {meta['tokens']} tokens "
           f"({meta.get('prompts_done')} prompts done)")
   print(f"{argv[0]}: {os.path.getsize(argv[0]) / 2**20:.1f} MiB")
+  return 0
+
+
+def _write_token_counts(args: Sequence[str]) -> int:
+  from flexdraft_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  if len(args) != 2:
+    print("usage: python -m flexdraft_jax.data token_counts DRAFTER_DIR DATASET_DIR|ARCHIVE.npz",
+          file=sys.stderr)
+    return 2
+  try:
+    vocab = checkpoint.drafter_meta(args[0])["target"]["vocab_size"]
+    counts = token_counts(args[1], vocab)
+  except (DatasetError, checkpoint.DrafterFileError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  path = checkpoint.save_token_counts(args[0], counts)
+  print(f"{path}: {int(counts.sum())} response tokens, {int((counts > 0).sum())} distinct")
   return 0
 
 

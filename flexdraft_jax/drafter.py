@@ -13,6 +13,12 @@ Params are one tree `{'target': <model.py params>, 'draft': <below>}`:
                               frozen LM head (an option; r x d, not r x V)
   (`decoding_draft` may pack the projectors and calib w1 / w2 (w2h) for the CPU
   matmul kernel: `model.pack_attention`, calib/{w1,w2}_packed, w2 dropped)
+  draft/vocab/{ids,head}      decoding only (`restrict_vocab`): the draft vocabulary, the
+                              N most frequent target tokens (ids [N] ascending), and the
+                              LM head's rows for them (head/kernel [d, N], or packed);
+                              calib w2 / b2 are then sliced to those N columns. Drafts are
+                              drawn from these N tokens; verification still uses the
+                              target's whole head, so decoding stays lossless
 
 Every token, clean or mask slot, is described by `Tokens` (position, anchor,
 block and segment), and one function, `visibility`, turns two descriptor sets
@@ -28,6 +34,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from flexdraft_jax import attention
@@ -175,6 +182,56 @@ def draft_shapes(cfg: ModelConfig, dcfg: DrafterConfig) -> Params:
   return jax.eval_shape(lambda t: init_draft(cfg, dcfg, t, jax.random.key(0)), target)
 
 
+# Draft vocabulary size by default, where the drafter has token counts (see restrict_vocab).
+DEFAULT_DRAFT_VOCAB = 16384
+
+
+def draft_vocab_ids(counts_V, size: int | None, vocab_size: int) -> jax.Array | None:
+  """The draft vocabulary to decode with: `size` None means DEFAULT_DRAFT_VOCAB where
+  there are counts (else the whole vocabulary), 0 or >= vocab_size the whole vocabulary
+  (None). ValueError for a size the counts cannot give."""
+  if size is None:
+    size = 0 if counts_V is None else DEFAULT_DRAFT_VOCAB
+  if size < 0:
+    raise ValueError(f"draft vocabulary size must be >= 0 (0: the whole vocabulary), got {size}")
+  if size == 0 or size >= vocab_size:
+    return None
+  if counts_V is None:
+    raise ValueError(f"a draft vocabulary of {size} tokens needs the drafter's token counts "
+                     "(token_counts.npz: `python -m flexdraft_jax.data token_counts DRAFTER_DIR "
+                     "DATA`, or train.py's export)")
+  return vocab_ids(counts_V, size)
+
+
+def vocab_ids(counts_V, size: int) -> jax.Array:
+  """The `size` most frequent token ids of counts [V] (ties: the lower id first), ascending."""
+  counts = np.asarray(counts_V, np.int64)
+  if not 1 <= size <= counts.shape[0]:
+    raise ValueError(f"draft vocabulary size must be in [1, {counts.shape[0]}], got {size}")
+  order = np.lexsort((np.arange(counts.shape[0]), -counts))  # count descending, then id
+  return jnp.asarray(np.sort(order[:size]), jnp.int32)
+
+
+def restrict_vocab(draft: Params, target: Params, cfg: ModelConfig, ids) -> Params:
+  """Draft params that draft from the tokens `ids` [N] only (`vocab_ids`): the LM head's
+  rows for them, and the calibration MLP's logit delta sliced to them. For decoding: the
+  slot logits cost N / V of the full head's (ALGORITHM.md's drafts may come from any
+  distribution; the target verifies)."""
+  ids = jnp.asarray(ids, jnp.int32)
+  if "lm_head" in target:
+    w = target["lm_head"]["kernel"][:, ids]  # [d, N]
+  else:
+    w = target["embed"]["embedding"][ids].T  # tied: [V, d] rows -> [d, N]
+  out = {**draft, "vocab": {"ids": ids, "head": {"kernel": w}}}
+  if "calib" in draft and _calib_out(draft["calib"]) == "w2":
+    calib = draft["calib"]
+    if "w2" not in calib:
+      raise ValueError("restrict_vocab needs the unpacked calibration MLP: call it before "
+                       "decoding_draft")
+    out["calib"] = {**calib, "w2": calib["w2"][:, ids], "b2": calib["b2"][ids]}
+  return out
+
+
 def decoding_draft(draft: Params, unroll: bool, pack: bool | None = None) -> Params:
   """Draft params laid out like `model.decoding_params` lays out the target's.
 
@@ -194,6 +251,9 @@ def pack_draft(draft: Params) -> Params:
   layers = draft["layers"]
   out = {**draft, "layers": (tuple(model_lib.pack_attention(a) for a in layers)
                              if isinstance(layers, tuple) else model_lib.pack_attention(layers))}
+  if "vocab" in draft and "kernel" in draft["vocab"]["head"]:
+    w = draft["vocab"]["head"]["kernel"]
+    out["vocab"] = {**draft["vocab"], "head": {"packed": cpu_matmul.pack(w)}}
   if "calib" in draft and not any(k.endswith("_packed") for k in draft["calib"]):
     calib, w2 = draft["calib"], _calib_out(draft["calib"])
     # w1 stays: flex reads the rank from its shape. w2 [r, V] (or w2h) is replaced.
@@ -273,11 +333,24 @@ def slot_inputs(draft: Params, cfg: ModelConfig, b: int, m: int) -> jax.Array:
 # Logits
 # ----------------------------------------------------------------------------
 def slot_logits(params: Params, cfg: ModelConfig, h_BJD, bonus_BJ=None) -> jax.Array:
-  """Draft logits [..., V] f32 from final-normed slot states; calibrated when
-  `bonus_BJ` is given and the drafter has a calibration MLP."""
+  """Draft logits [..., V] f32 from final-normed slot states ([..., N] over the draft
+  vocabulary `draft/vocab/ids` when there is one); calibrated when `bonus_BJ` is given
+  and the drafter has a calibration MLP."""
   if bonus_BJ is None or "calib" not in params["draft"]:
-    return model_lib.lm_logits(params["target"], cfg, h_BJD)
+    return draft_head(params, cfg, h_BJD)
   return calibrated_logits(params, cfg, h_BJD, bonus_BJ)
+
+
+def draft_head(params: Params, cfg: ModelConfig, h_BTD) -> jax.Array:
+  """The LM head for drafts: the target's, or its rows for the draft vocabulary."""
+  vocab = params["draft"].get("vocab")
+  if vocab is None:
+    return model_lib.lm_logits(params["target"], cfg, h_BTD)
+  n = vocab["ids"].shape[0]
+  if "packed" in vocab["head"]:  # `decoding_draft`: the CPU kernel
+    return cpu_matmul.dense(h_BTD.astype(jnp.float32), vocab["head"]["packed"], n)
+  return jnp.einsum("...D,DN->...N", h_BTD, vocab["head"]["kernel"].astype(cfg.jnp_dtype),
+                    preferred_element_type=jnp.float32)
 
 
 def calibrated_logits(params: Params, cfg: ModelConfig, h_BJD, bonus_BJ, z=None) -> jax.Array:
@@ -286,8 +359,8 @@ def calibrated_logits(params: Params, cfg: ModelConfig, h_BJD, bonus_BJ, z=None)
   head of h + delta ('hidden')."""
   delta = calibration(params, cfg, h_BJD, bonus_BJ)
   if _calib_out(params["draft"]["calib"]) == "w2h":
-    return model_lib.lm_logits(params["target"], cfg, (h_BJD + delta).astype(h_BJD.dtype))
-  return (model_lib.lm_logits(params["target"], cfg, h_BJD) if z is None else z) + delta
+    return draft_head(params, cfg, (h_BJD + delta).astype(h_BJD.dtype))
+  return (draft_head(params, cfg, h_BJD) if z is None else z) + delta
 
 
 def _calib_out(calib: Params) -> str:

@@ -91,7 +91,7 @@ class Engine:
   def __init__(self, model: str, dtype: str | None = None, chat_template: bool = True,
                unroll_layers: bool | None = None, *, target=None, tokenizer: str | None = None,
                drafter: str | None = None, costs: str | None = "auto", mesh=None,
-               prefill_chunk: int | None = None):
+               prefill_chunk: int | None = None, draft_vocab: int | None = None):
     """`unroll_layers` runs layers from per-layer param trees (default: on CPU
     without the matmul kernel, `model.decoding_params`).
 
@@ -111,6 +111,9 @@ class Engine:
     shape) shards params, cache and rows by `sharding.decode_shardings`.
     `prefill_chunk` (default `prefill.DEFAULT_CHUNK`) is the most prompt tokens
     a prefill pass takes (`prefill.prefill`); at most the model's max_position.
+    `draft_vocab` is the number of tokens drafts are drawn from, the most frequent in
+    the drafter's training data (`drafter.restrict_vocab`; default
+    `drafter.DEFAULT_DRAFT_VOCAB` where the drafter has token_counts.npz, 0: all).
     """
     self.mesh = mesh if mesh is None or isinstance(mesh, jax.sharding.Mesh) else (
         sharding_lib.make_mesh(mesh))
@@ -122,12 +125,13 @@ class Engine:
     pack = False if self.mesh is not None else None
     self.params = model_lib.decoding_params(params, unroll_layers, pack=pack)
     unroll_layers = isinstance(self.params["layers"], tuple)
-    self.dcfg, self.draft, fingerprint = None, None, None
+    self.dcfg, self.draft, self.draft_vocab, fingerprint = None, None, 0, None
     if drafter is not None:
       fingerprint = checkpoint.target_fingerprint(dataclasses.asdict(self.cfg), params)
       meta, draft = checkpoint.load_drafter(drafter, dataclasses.asdict(self.cfg), fingerprint,
                                             dtype=self.cfg.param_dtype)
       self.dcfg = drafter_lib.DrafterConfig(**meta).validate(self.cfg)
+      draft, self.draft_vocab = with_draft_vocab(draft, params, self.cfg, drafter, draft_vocab)
       self.draft = drafter_lib.decoding_draft(draft, unroll_layers, pack=pack)
     if self.mesh is not None:  # placed once, as the executables expect them
       both = {"target": self.params, "draft": self.draft}
@@ -141,7 +145,7 @@ class Engine:
       acceptance = cost_cache.load_acceptance(folder) if costs == "auto" else None
       self.setup_key = cost_cache.setup_key(self.cfg, fingerprint, self.dcfg,
                                             cost_cache.drafter_digest(folder), unroll_layers,
-                                            acceptance and acceptance[1])
+                                            acceptance and acceptance[1], self.draft_vocab)
       if costs == "auto":
         self._auto_costs = acceptance and (self.setup_key, acceptance[0])
       elif costs != "none":
@@ -307,6 +311,18 @@ class Engine:
 
   def decode(self, token_ids: list[int]) -> str:
     return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def with_draft_vocab(draft, target, cfg, drafter_path, size: int | None):
+  """(draft restricted to its draft vocabulary (`drafter.draft_vocab_ids`), that vocabulary's
+  size, 0 for all tokens); `target` is the target's params as loaded."""
+  folder = pathlib.Path(drafter_path)
+  folder = folder.parent if folder.suffix == ".json" else folder
+  ids = drafter_lib.draft_vocab_ids(checkpoint.load_token_counts(folder, cfg.vocab_size), size,
+                                    cfg.vocab_size)
+  if ids is None:
+    return draft, 0
+  return drafter_lib.restrict_vocab(draft, target, cfg, ids), int(ids.shape[0])
 
 
 def check_prefill_chunk(chunk: int | None, max_position: int) -> int:

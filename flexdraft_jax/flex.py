@@ -109,8 +109,7 @@ class _Loop:
     if any(k in DRAFTED for k in self.kinds):  # chunks, then a block at each row's last token
       last, h, cache = prefill_lib.flex_prefill(self.params, self.cfg, self.dcfg, cache,
                                                 self.prompt, self.lens, chunk=chunk)
-      cand = candidates(sub, self._slot_logits(h[:, 0]), self.sampling,
-                        planner.SOURCE_OF[SEQUENTIAL], last_logits=last)
+      cand = self._candidates(sub, self._slot_logits(h[:, 0]), SEQUENTIAL, last_logits=last)
     else:  # the target alone; the drafts are looked up in the prompt
       last, cache = prefill_lib.prefill(self.params["target"], self.cfg, cache, self.prompt,
                                         self.lens, chunk=chunk)
@@ -122,6 +121,13 @@ class _Loop:
 
   def _slot_logits(self, h, bonus=None):
     return drafter.slot_logits(self.params, self.cfg, h, bonus)
+
+  def _candidates(self, key, logits, kind, **kw):
+    """`candidates` from slot logits (over the draft vocabulary, where there is one)."""
+    vocab = self.params["draft"].get("vocab")
+    return candidates(key, logits, self.sampling, planner.SOURCE_OF[kind],
+                      vocab_ids=None if vocab is None else vocab["ids"],
+                      vocab=self.cfg.vocab_size, **kw)
 
   def _target_pass(self, tokens_BT, cache):
     t = tokens_BT.shape[1]
@@ -166,7 +172,7 @@ class _Loop:
     with b: the drafts of a parallel step, single or split."""
     h = h_BSD[:, 1:]
     z = self._slot_logits(h, jnp.broadcast_to(bonus[:, None], h.shape[:2]))
-    return candidates(key, z, self.sampling, planner.SOURCE_OF[PARALLEL], bonus=bonus)
+    return self._candidates(key, z, PARALLEL, bonus=bonus)
 
   def _verify_only(self, c: Candidates, cache, keys, width):
     """ar / pld / sequential pass 1: the target alone verifies; the next drafts come later."""
@@ -178,8 +184,8 @@ class _Loop:
     """Sequential pass 2: b as a clean token, one block anchored at it."""
     logits, h, kv = drafter.mixed_pass(self.params, self.cfg, self.dcfg, bonus[:, None],
                                        cache.lengths[:, None], cache)
-    cand = candidates(key, self._slot_logits(h[:, 0]), self.sampling,
-                      planner.SOURCE_OF[SEQUENTIAL], last_logits=logits[:, 0])
+    cand = self._candidates(key, self._slot_logits(h[:, 0]), SEQUENTIAL,
+                            last_logits=logits[:, 0])
     return cand, kv
 
   def _draft_split(self, cache, bonus, key):

@@ -297,8 +297,10 @@ def decoding_params(params: Params, unroll_layers: bool | None = None,
 
 
 def can_pack(tree: Params) -> bool:
-  """Whether every weight of `tree` is f32, the one dtype the CPU kernel reads."""
-  return all(jnp.dtype(a.dtype) == jnp.float32 for a in jax.tree.leaves(tree))
+  """Whether every float weight of `tree` is f32, the one dtype the CPU kernel reads
+  (integer leaves, such as the draft vocabulary's ids, are not weights)."""
+  return all(jnp.dtype(a.dtype) == jnp.float32 for a in jax.tree.leaves(tree)
+             if jnp.issubdtype(a.dtype, jnp.floating))
 
 
 def pack_attention(attn: Params) -> Params:

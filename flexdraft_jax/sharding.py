@@ -96,8 +96,11 @@ PARAM_AXES = (
     (r"calib/b2", ("vocab",)),
     (r"calib/w2h", ("rank", "norm")),   # calib_target='hidden': a delta on the slot state
     (r"calib/b2h", ("norm",)),
+    # The draft vocabulary (drafter.restrict_vocab): its ids and the LM head's rows for them.
+    (r"vocab/ids", ("vocab",)),
+    (r"vocab/head/kernel", ("embed", "vocab")),
     # CPU decoding only (model.decoding_params / drafter.decoding_draft pack these).
-    (r"((qkv|o_proj|gate_up|down_proj|head_packed)/packed|calib/w(1|2|2h)_packed)",
+    (r"((qkv|o_proj|gate_up|down_proj|head_packed|head)/packed|calib/w(1|2|2h)_packed)",
      ("panel", "panel_in", "panel_col")),
     (r"qkv/bias", ("panel",)),
 )

@@ -30,16 +30,25 @@ class Candidates:
 
 
 def candidates(key, logits_BJV, sampling: SamplingConfig, source: int, last_logits=None,
-               bonus=None):
+               bonus=None, vocab_ids=None, vocab: int | None = None):
   """Candidates from slot logits [B, J, V]: after a cached clean token whose target
-  logits are `last_logits`, or behind a committed, uncached `bonus`."""
+  logits are `last_logits`, or behind a committed, uncached `bonus`.
+
+  With a draft vocabulary (`drafter.restrict_vocab`), the logits are [B, J, N] over the
+  tokens `vocab_ids` [N] of a `vocab`-token target: drafts map back to token ids, and
+  the distributions q put no mass outside the N tokens."""
   if sampling.greedy:
     drafts, q = argmax(logits_BJV), None
     conf = top_probability(logits_BJV)
   else:
     drafts, q = sample(key, logits_BJV, sampling), probabilities(logits_BJV, sampling)
     conf = q.max(-1)
-  vocab = logits_BJV.shape[-1]
+  if vocab_ids is None:
+    vocab = logits_BJV.shape[-1]
+  else:
+    drafts = vocab_ids[drafts]
+    if q is not None:
+      q = jnp.zeros(q.shape[:-1] + (vocab,), q.dtype).at[..., vocab_ids].set(q)
   if last_logits is None:  # replaced by delta(bonus) in _behind
     last_logits = jnp.zeros((drafts.shape[0], vocab), jnp.float32)
   return behind(Candidates(last_logits=last_logits, drafts=drafts, conf=conf, q=q,

@@ -424,6 +424,11 @@ def init_from_export(path, cfg: ModelConfig, dcfg: DrafterConfig, fingerprint: s
 
 
 def export(config, workdir, draft, cfg: ModelConfig, dcfg: DrafterConfig, fingerprint: str):
-  return ckpt_lib.export_drafter(pathlib.Path(workdir) / "drafter", jax.device_get(draft),
-                                 dcfg.to_dict(), target_arch(cfg), fingerprint,
-                                 dtype=config.export_dtype)
+  """Writes the drafter, and the training data's response token counts beside it (its draft
+  vocabulary at decode time, `drafter.restrict_vocab`)."""
+  out = pathlib.Path(workdir) / "drafter"
+  path = ckpt_lib.export_drafter(out, jax.device_get(draft), dcfg.to_dict(), target_arch(cfg),
+                                 fingerprint, dtype=config.export_dtype)
+  ckpt_lib.save_token_counts(out, data_lib.token_counts(data_dirs(config, workdir)[0],
+                                                        cfg.vocab_size))
+  return path

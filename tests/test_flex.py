@@ -696,3 +696,48 @@ def test_trained_drafter_greedy_lossless(trained):
   near_ties(cfg, params["target"], prompts, want, got)
   assert sum(n > 0 for n in modes.values()) >= 2, modes
   assert committed / row_steps > 1.2  # drafts are accepted (ar steps commit exactly one)
+
+
+# ----------------------------------------------------------------------------
+# 5. A draft vocabulary (drafter.restrict_vocab) keeps decoding lossless
+# ----------------------------------------------------------------------------
+def with_vocab(cfg, target, draft, ids, unroll=None):
+  """`decoding`, with drafts drawn from the tokens `ids` only."""
+  return decoding(target, drafter.restrict_vocab(draft, target, cfg, np.asarray(ids)), unroll)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # untied and tied heads
+def test_draft_vocabulary_is_lossless(greedy_setup, tiny_model, family):
+  """Drafts from 40 of the 101 tokens: AR's tokens in parallel and sequential mode. A
+  vocabulary that holds none of the tokens AR emits accepts no draft (tau 1)."""
+  cfg, params, prompts, ar, stops = greedy_setup[family]
+  target = tiny_model(family)[1]
+  draft = noisy_drafter(cfg, DCFG, target, seed=3)
+  emitted = sorted({t for row in ar for t in row})
+  rng = np.random.RandomState(5)
+  half = np.sort(rng.choice(cfg.vocab_size, 40, replace=False))
+  want = [r[:r.index(s[0]) + 1] if s[0] in r else r for r, s in zip(ar, stops)]
+  for mode in ("parallel", "sequential"):
+    got, summary = run_flex(cfg, with_vocab(cfg, target, draft, half), prompts,
+                            case_config(mode, "full"), stops)
+    near_ties(cfg, params["target"], prompts, want, got)
+    assert summary["modes"][mode] == summary["steps"]
+  missing = [t for t in range(cfg.vocab_size) if t not in emitted][:8]
+  assert missing, "AR emits every token"
+  got, summary = run_flex(cfg, with_vocab(cfg, target, draft, missing), prompts[:1],
+                          case_config("parallel", "full"), stops[:1])
+  near_ties(cfg, params["target"], prompts[:1], want[:1], got)
+  assert summary["tau"] == 1.0
+
+
+def test_speculative_sampling_law_draft_vocabulary(small):
+  """Drafts (T=1) from 6 of the 12 tokens, q zero elsewhere: the target's law holds, the
+  other tokens included (they come from the residual)."""
+  cfg, target, _ = small
+  draft = noisy_drafter(SMALL, SAMPLE_DCFG, target, seed=4, noise=1.0)
+  params = with_vocab(cfg, target, draft, [0, 2, 3, 5, 8, 11])
+  fcfg = flex.FlexConfig(mode="flex", verify_strategy="expected_throughput", max_new_tokens=3,
+                         sampling=T1)
+  counts, st = sample_counts(cfg, params, fcfg, COSTS["mixed"])
+  assert min(pair_pvalues(counts, exact_law(cfg, target, T1))) > 1e-4
+  assert st.modes[planner.PARALLEL] and st.modes[planner.SEQUENTIAL], st.modes

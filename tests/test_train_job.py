@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from flexdraft_jax import checkpoint as ckpt_lib
+from flexdraft_jax import data as data_lib
 from flexdraft_jax import drafter, resources, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,6 +66,11 @@ def test_time_limit_stops_cleanly_with_a_checkpoint_and_an_export(tiny_data, tmp
   trainer.run(_tiny_config(tiny_data, num_steps=50, time_limit_s=1e-6), tmp_path)
   step, exported = _saved(tmp_path)
   assert step == 1 and "mask" in exported
+  # the training data's response token counts ship with the export (its draft vocabulary)
+  vocab = json.loads((tmp_path / "drafter" / ckpt_lib.META_FILE).read_text())["target"]["vocab_size"]
+  counts = ckpt_lib.load_token_counts(tmp_path / "drafter", vocab)
+  np.testing.assert_array_equal(counts, data_lib.token_counts(tiny_data / "train", vocab))
+  assert counts.sum() > 0
   trainer.run(_tiny_config(tiny_data, num_steps=2, time_limit_s=0.0), tmp_path)  # resumes
   assert _saved(tmp_path)[0] == 2
 

@@ -16,6 +16,7 @@ import jax
 from flexdraft_jax import checkpoint
 from flexdraft_jax import cost_cache
 from flexdraft_jax import drafter as drafter_lib
+from flexdraft_jax import engine as engine_lib
 from flexdraft_jax import flex as flex_lib
 from flexdraft_jax import model as model_lib
 from flexdraft_jax import planner
@@ -63,8 +64,13 @@ def load_drafter(opts: Options, cfg: ModelConfig, params, out_dir: pathlib.Path)
   if opts.no_calibration:
     draft = {k: v for k, v in draft.items() if k != "calib"}
     dcfg = dataclasses.replace(dcfg, calib_rank=0)
+  try:
+    draft, vocab = engine_lib.with_draft_vocab(draft, params, cfg, path, opts.draft_vocab)
+  except (ValueError, checkpoint.DrafterFileError) as e:
+    raise app.UsageError(str(e)) from None
   return dcfg, draft, {"drafter": str(path), "random_drafter": opts.drafter is None,
-                       "drafter_config": dcfg.to_dict(), "no_calibration": opts.no_calibration}
+                       "drafter_config": dcfg.to_dict(), "no_calibration": opts.no_calibration,
+                       "draft_vocab": vocab}
 
 
 
@@ -200,7 +206,8 @@ def run(opts: Options) -> dict[str, Any]:
                   and not opts.calibrate else None)
     key = cost_cache.setup_key(
         work.cfg, fingerprint, work.dcfg, cost_cache.drafter_digest(folder) + (
-            "-no_calibration" if opts.no_calibration else ""), unroll, acceptance and acceptance[1])
+            "-no_calibration" if opts.no_calibration else ""), unroll, acceptance and acceptance[1],
+        drafter_header["draft_vocab"])
     if opts.calibrate:
       return calibrate(opts, work, key, drafter_header, out_dir)
     if opts.costs == "auto":

@@ -36,6 +36,10 @@ _BLOCK_SIZE = flags.DEFINE_integer("block_size", 8, "Block size of the random dr
 _NO_CALIB = flags.DEFINE_bool(
     "no_calibration", False, "Ablation: decode without the drafter's calibration MLP (parallel "
     "steps then draft slots 1.. from the raw slot logits; sequential steps never use it).")
+_DRAFT_VOCAB = flags.DEFINE_integer(
+    "draft_vocab", None, "Tokens the drafts are drawn from, the most frequent in the drafter's "
+    "training data (its token_counts.npz); default: drafter.DEFAULT_DRAFT_VOCAB where the "
+    "drafter has counts; 0: the whole vocabulary.")
 _CALIBRATE = flags.DEFINE_bool("calibrate", False, "Only measure the flex planner's cost table "
                                 "(step times per batch size, kind and verify width; the "
                                 "drafter's acceptance by depth and confidence) and write "
@@ -90,6 +94,7 @@ class Options:
   random_drafter_layers: int = 4
   block_size: int = 8
   no_calibration: bool = False
+  draft_vocab: int | None = None     # None: drafter.DEFAULT_DRAFT_VOCAB with counts; 0: all
   verify_strategy: str = "cumulative_product"
   calibrate: bool = False
   costs: str = "auto"                # auto, none, or a --calibrate costs.json
@@ -152,7 +157,7 @@ def options_from_flags() -> Options:
       group_by_length=_GROUP_BY_LENGTH.value, max_new_tokens=_MAX_NEW.value,
       modes=tuple(m.strip() for m in _MODES.value), drafter=_DRAFTER.value,
       random_drafter_layers=_RANDOM_LAYERS.value, block_size=_BLOCK_SIZE.value,
-      no_calibration=_NO_CALIB.value,
+      no_calibration=_NO_CALIB.value, draft_vocab=_DRAFT_VOCAB.value,
       verify_strategy=_STRATEGY.value, calibrate=_CALIBRATE.value, costs=_COSTS.value,
       save_acceptance=_SAVE_ACCEPTANCE.value,
       max_prompt_tokens=_MAX_PROMPT.value,
