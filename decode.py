@@ -48,8 +48,8 @@ _DRAFTER = flags.DEFINE_string(
     "drafter shipped in drafters/ for the default model (none for other models); 'none' = AR.")
 _DRAFT_VOCAB = flags.DEFINE_integer(
     "draft_vocab", None, "Tokens the drafts are drawn from: the most frequent in the "
-    "drafter's training data (its token_counts.npz). Default: 16384 where the drafter has "
-    "counts (drafter.DEFAULT_DRAFT_VOCAB); 0 = the whole vocabulary. Verification always "
+    "drafter's training data (its token_counts.npz). Default: a sixth of the vocabulary "
+    "(8192 for SmolLM2) where the drafter has counts; 0 = the whole vocabulary. Verification always "
     "uses the target's whole vocabulary, so the output is the same.")
 _COMPARE_AR = flags.DEFINE_bool(
     "compare_ar", False, "Also decode the prompts with plain AR and print the speedup measured "

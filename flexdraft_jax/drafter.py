@@ -182,16 +182,26 @@ def draft_shapes(cfg: ModelConfig, dcfg: DrafterConfig) -> Params:
   return jax.eval_shape(lambda t: init_draft(cfg, dcfg, t, jax.random.key(0)), target)
 
 
-# Draft vocabulary size by default, where the drafter has token counts (see restrict_vocab).
-DEFAULT_DRAFT_VOCAB = 16384
+# The draft vocabulary by default (where the drafter has token counts): this share of the
+# target's vocabulary, rounded up to a multiple of 256. SmolLM2-135M (49,152 tokens, so
+# 8,192), shipped drafter, 2026-12-06 on the 2-vCPU CPU: MT-Bench tau (20 prompts, batch 1)
+# parallel / sequential 1.352 / 1.908 with all tokens, 1.352 / 1.908 with 32,768, 1.350 /
+# 1.893 with 16,384, 1.349 / 1.871 with 8,192; a parallel step at width 4 cost 2.00 /
+# 1.83 / 1.64 / 1.55x an ar step at batch 1, 4.76 / - / 3.16 / 2.95x at batch 4
+# (scripts/step_costs.py, docs/results/cpu/step_costs_vocab_2026-12-06_b*.json).
+DEFAULT_DRAFT_VOCAB_SHARE = 1 / 6
+
+
+def default_draft_vocab(vocab_size: int) -> int:
+  return min(vocab_size, -(-int(vocab_size * DEFAULT_DRAFT_VOCAB_SHARE) // 256) * 256)
 
 
 def draft_vocab_ids(counts_V, size: int | None, vocab_size: int) -> jax.Array | None:
-  """The draft vocabulary to decode with: `size` None means DEFAULT_DRAFT_VOCAB where
+  """The draft vocabulary to decode with: `size` None means `default_draft_vocab` where
   there are counts (else the whole vocabulary), 0 or >= vocab_size the whole vocabulary
   (None). ValueError for a size the counts cannot give."""
   if size is None:
-    size = 0 if counts_V is None else DEFAULT_DRAFT_VOCAB
+    size = 0 if counts_V is None else default_draft_vocab(vocab_size)
   if size < 0:
     raise ValueError(f"draft vocabulary size must be >= 0 (0: the whole vocabulary), got {size}")
   if size == 0 or size >= vocab_size:

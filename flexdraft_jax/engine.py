@@ -113,7 +113,7 @@ class Engine:
     a prefill pass takes (`prefill.prefill`); at most the model's max_position.
     `draft_vocab` is the number of tokens drafts are drawn from, the most frequent in
     the drafter's training data (`drafter.restrict_vocab`; default
-    `drafter.DEFAULT_DRAFT_VOCAB` where the drafter has token_counts.npz, 0: all).
+    `drafter.default_draft_vocab` where the drafter has token_counts.npz, 0: all).
     """
     self.mesh = mesh if mesh is None or isinstance(mesh, jax.sharding.Mesh) else (
         sharding_lib.make_mesh(mesh))

@@ -31,8 +31,12 @@ def test_draft_vocab_ids_default_and_errors():
   assert drafter.draft_vocab_ids(counts, 0, 100) is None
   assert drafter.draft_vocab_ids(counts, 100, 100) is None
   np.testing.assert_array_equal(drafter.draft_vocab_ids(counts, 3, 100), [97, 98, 99])
-  # default size: capped by the vocabulary
+  # default size: a sixth of the vocabulary, rounded up to a multiple of 256, at most all
+  assert drafter.default_draft_vocab(49152) == 8192
+  assert drafter.default_draft_vocab(151936) == 25344
+  assert drafter.default_draft_vocab(100) == 100
   assert drafter.draft_vocab_ids(counts, None, 100) is None
+  assert drafter.draft_vocab_ids(np.arange(3000), None, 3000).shape == (512,)
   with pytest.raises(ValueError, match="token counts"):
     drafter.draft_vocab_ids(None, 10, 100)
   with pytest.raises(ValueError, match=">= 0"):
@@ -97,7 +101,7 @@ def test_token_counts_file(tmp_path):
 
 def test_with_draft_vocab(tmp_path, tiny_model):
   """The Engine's and the bench's resolution: counts beside the drafter give the default
-  size (capped: all 101 tokens here, so no restriction) or the asked one; no counts and a
+  size (at least 256: all 101 tokens here, so no restriction) or the asked one; no counts and a
   size is an error that says how to make them."""
   cfg, target = tiny_model("llama")
   draft = drafter.init_draft(cfg, DCFG, target, jax.random.key(0))
@@ -110,7 +114,7 @@ def test_with_draft_vocab(tmp_path, tiny_model):
   assert n == 10 and out["vocab"]["ids"].tolist() == list(range(91, 101))
   assert out["vocab"]["head"]["kernel"].shape == (cfg.hidden_size, 10)
   assert out["calib"]["w2"].shape == (DCFG.calib_rank, 10)
-  assert engine.with_draft_vocab(draft, target, cfg, tmp_path, None)[1] == 0  # 16384 > 101
+  assert engine.with_draft_vocab(draft, target, cfg, tmp_path, None)[1] == 0  # 256 > 101
 
 
 def test_response_token_counts(tmp_path):

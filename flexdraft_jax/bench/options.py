@@ -38,8 +38,8 @@ _NO_CALIB = flags.DEFINE_bool(
     "steps then draft slots 1.. from the raw slot logits; sequential steps never use it).")
 _DRAFT_VOCAB = flags.DEFINE_integer(
     "draft_vocab", None, "Tokens the drafts are drawn from, the most frequent in the drafter's "
-    "training data (its token_counts.npz); default: drafter.DEFAULT_DRAFT_VOCAB where the "
-    "drafter has counts; 0: the whole vocabulary.")
+    "training data (its token_counts.npz); default: drafter.default_draft_vocab (a sixth "
+    "of the vocabulary) where the drafter has counts; 0: the whole vocabulary.")
 _CALIBRATE = flags.DEFINE_bool("calibrate", False, "Only measure the flex planner's cost table "
                                 "(step times per batch size, kind and verify width; the "
                                 "drafter's acceptance by depth and confidence) and write "
@@ -94,7 +94,7 @@ class Options:
   random_drafter_layers: int = 4
   block_size: int = 8
   no_calibration: bool = False
-  draft_vocab: int | None = None     # None: drafter.DEFAULT_DRAFT_VOCAB with counts; 0: all
+  draft_vocab: int | None = None     # None: drafter.default_draft_vocab with counts; 0: all
   verify_strategy: str = "cumulative_product"
   calibrate: bool = False
   costs: str = "auto"                # auto, none, or a --calibrate costs.json
