@@ -50,7 +50,7 @@ _DRAFT_VOCAB = flags.DEFINE_integer(
     "draft_vocab", None, "Tokens the drafts are drawn from: the most frequent in the "
     "drafter's training data (its token_counts.npz). Default: a sixth of the vocabulary "
     "(8192 for SmolLM2) where the drafter has counts; 0 = the whole vocabulary. Verification always "
-    "uses the target's whole vocabulary, so the output is the same.")
+    "uses the target's whole vocabulary, so the output is the same.", lower_bound=0)
 _COMPARE_AR = flags.DEFINE_bool(
     "compare_ar", False, "Also decode the prompts with plain AR and print the speedup measured "
     "in this run: after a warm-up run of each, ar, mode, mode, ar are timed (and, when "
@@ -161,7 +161,10 @@ def _report(engine, mode: str, batch: int, stats) -> None:
     kinds = " ".join(f"{k} {n}" for k, n in stats.modes.items() if n)
     err = stats.calibration_error
     err = "" if err is None else f" | acceptance model: expected/observed accepted - 1 = {err:+.2f}"
-    print(f"[planner: steps by kind: {kinds} | tau {stats.tau:.2f}{err}]", file=sys.stderr)
+    vocab = (f"{engine.draft_vocab} most frequent tokens" if engine.draft_vocab
+             else "all tokens")
+    print(f"[planner: steps by kind: {kinds} | tau {stats.tau:.2f}{err} | drafts from "
+          f"{vocab}]", file=sys.stderr)
   if _STATS.value:
     print(f"[steps {stats.steps} | modes {stats.modes} | acceptance by depth "
           f"{stats.acceptance_by_depth}]", file=sys.stderr)

@@ -39,7 +39,7 @@ _NO_CALIB = flags.DEFINE_bool(
 _DRAFT_VOCAB = flags.DEFINE_integer(
     "draft_vocab", None, "Tokens the drafts are drawn from, the most frequent in the drafter's "
     "training data (its token_counts.npz); default: drafter.default_draft_vocab (a sixth "
-    "of the vocabulary) where the drafter has counts; 0: the whole vocabulary.")
+    "of the vocabulary) where the drafter has counts; 0: the whole vocabulary.", lower_bound=0)
 _CALIBRATE = flags.DEFINE_bool("calibrate", False, "Only measure the flex planner's cost table "
                                 "(step times per batch size, kind and verify width; the "
                                 "drafter's acceptance by depth and confidence) and write "

@@ -70,7 +70,7 @@ main() {
     --config.eval_batches=4 --config.save_every=1000000 2>&1 \
     | tr '\r' '\n' | grep -v "^I1\|^W1" | tail -4
   cp $W/metrics.jsonl "$OUT/"
-  cp $W/drafter/drafter.json "$OUT/"
+  cp $W/drafter/drafter.json $W/drafter/token_counts.npz "$OUT/"
   split -b 15M -d $W/drafter/drafter.safetensors "$OUT/drafter.safetensors.part"
 
   # The planner's inputs: the new drafter's acceptance model (held-out ShareGPT) and the
