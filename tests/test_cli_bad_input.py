@@ -188,7 +188,7 @@ def test_train_py(tmp_path, override, message):
     ("--prefill_chunk=0", "decode.py: error: --prefill_chunk must be >= 1, got 0"),
     ("--prefill_chunk=x", "decode.py: error: flag --prefill_chunk=x: invalid literal for int()"),
     ("--prefill_chunk=100000", "--prefill_chunk=100000 is above the KV cache capacity"),
-    ("--draft_vocab=-1", "flag --draft_vocab=-1: -1 is not >= 0"),
+    ("--draft_vocab=-1", "decode.py: error: flag --draft_vocab=-1: -1 is not a non-negative integer"),
 ])
 def test_decode_py(flag, message):
   _assert_one_line_error(_run("decode.py", "--prompt=a", "--drafter=none", flag), message)
