@@ -178,12 +178,15 @@ class TokenDataset:
 def response_token_counts(tokens, index, vocab_size: int) -> np.ndarray:
   """Token counts [vocab_size] over the response spans of `index` rows (offset, prompt_len,
   response_len) of `tokens`."""
-  counts = np.zeros(vocab_size, np.int64)
-  for offset, prompt_len, response_len in np.asarray(index):
-    start = offset + prompt_len
-    counts += np.bincount(np.asarray(tokens[start:start + response_len], np.int64),
-                          minlength=vocab_size)[:vocab_size]
-  return counts
+  index = np.asarray(index, np.int64).reshape(-1, 3)
+  end = int(index.sum(axis=1).max(initial=0))
+  starts = index[:, 0] + index[:, 1]
+  edges = np.zeros(end + 1, np.int64)  # +1 where a response starts, -1 where it ends
+  np.add.at(edges, starts, 1)
+  np.add.at(edges, starts + index[:, 2], -1)
+  response = np.cumsum(edges[:-1]) > 0
+  return np.bincount(np.asarray(tokens[:end], np.int64)[response],
+                     minlength=vocab_size)[:vocab_size].astype(np.int64)
 
 
 def token_counts(source: str | pathlib.Path, vocab_size: int, split: str = "train") -> np.ndarray:
