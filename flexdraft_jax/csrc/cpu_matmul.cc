@@ -52,8 +52,8 @@ struct Job {
   float* y;         // [T, N]
   int64_t t, k, n, panels;
   WeightType wtype;
-  // x interleaved for the AVX-512 path (`InterleaveRows`), or null: each group of rows
-  // [r0, r0 + rows) as [K, rows], so that the rows' values at one i share a cache line.
+  // x interleaved for the AVX-512 path (`InterleaveRows`; null: not that path): each group
+  // of rows [r0, r0 + rows) as [K, rows], so that the rows' values at one i share a line.
   const float* xi = nullptr;
 };
 
@@ -237,29 +237,12 @@ FLEXDRAFT_AVX512 inline __m512 LoadRow512(const uint16_t* wp) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp)));
 }
 
+// x is one row group interleaved, [k, R] (`InterleaveRows`): the R values of step i are one
+// contiguous run. (Broadcasting them from row-major x, R strided streams, held the path to
+// ~75 GFLOP/s at K = 1,536 and 16 rows, where x is 96 KB and leaves L1; 2026-12-06.)
 template <int R, typename W>
-FLEXDRAFT_AVX512 void Tile512(const float* x, int64_t ldx, const W* wp, int64_t k, float* y,
-                              int64_t ldy, int64_t nc, const W* pf) {
-  __m512 a[R];
-#pragma GCC unroll 32
-  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; ++i) {
-    if (pf != nullptr) _mm_prefetch(reinterpret_cast<const char*>(pf + i * kPanel), _MM_HINT_T0);
-    const __m512 w = LoadRow512(wp + i * kPanel);
-#pragma GCC unroll 32
-    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + i]), w, a[r]);
-  }
-  const __mmask16 mask = static_cast<__mmask16>((1u << nc) - 1);
-#pragma GCC unroll 32
-  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * ldy, mask, a[r]);
-}
-
-// Tile512 over interleaved rows: x is [k, R] (`InterleaveRows`), so the R values of step i
-// are one contiguous run (at K = 1,536 and 16 rows the row-major x is 96 KB, beyond L1,
-// and its R strided streams held the kernel to ~75 GFLOP/s on the 2-vCPU AVX-512 EPYC).
-template <int R, typename W>
-FLEXDRAFT_AVX512 void Tile512I(const float* x, int64_t, const W* wp, int64_t k, float* y,
-                               int64_t ldy, int64_t nc, const W* pf) {
+FLEXDRAFT_AVX512 void Tile512(const float* x, const W* wp, int64_t k, float* y, int64_t ldy,
+                              int64_t nc, const W* pf) {
   __m512 a[R];
 #pragma GCC unroll 32
   for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
@@ -276,17 +259,11 @@ FLEXDRAFT_AVX512 void Tile512I(const float* x, int64_t, const W* wp, int64_t k, 
 }
 
 template <typename W>
-using TileFn = void (*)(const float*, int64_t, const W*, int64_t, float*, int64_t, int64_t,
-                        const W*);
+using TileFn = void (*)(const float*, const W*, int64_t, float*, int64_t, int64_t, const W*);
 
 template <typename W, std::size_t... I>
 constexpr std::array<TileFn<W>, sizeof...(I)> Tiles512(std::index_sequence<I...>) {
   return {&Tile512<static_cast<int>(I) + 1, W>...};
-}
-
-template <typename W, std::size_t... I>
-constexpr std::array<TileFn<W>, sizeof...(I)> Tiles512I(std::index_sequence<I...>) {
-  return {&Tile512I<static_cast<int>(I) + 1, W>...};
 }
 
 // The row groups of the AVX-512 path: balanced, at most kMaxRows512 rows each.
@@ -295,31 +272,7 @@ inline int64_t RowsPerGroup512(int64_t t) {
   return (t + groups - 1) / groups;
 }
 
-template <typename W>
-FLEXDRAFT_AVX512 void PanelsAvx512(const Job& j, int64_t p0, int64_t p1) {
-  static constexpr auto kTiles = Tiles512<W>(std::make_index_sequence<kMaxRows512>());
-  static constexpr auto kTilesI = Tiles512I<W>(std::make_index_sequence<kMaxRows512>());
-  const W* w = static_cast<const W*>(j.w);
-  const int64_t per = RowsPerGroup512(j.t);
-  for (int64_t p = p0; p < p1; ++p) {
-    const W* wp = w + p * j.k * kPanel;
-    const int64_t c0 = p * kPanel, nc = std::min(kPanel, j.n - c0);
-    for (int64_t r0 = 0; r0 < j.t; r0 += per) {
-      const int64_t rows = std::min(per, j.t - r0);
-      const W* pf = r0 == 0 ? wp + 16 * kPanel : p + 1 < p1 ? wp + j.k * kPanel : nullptr;
-      if (j.xi != nullptr) {  // group r0's rows interleaved, at the same offset r0 * k
-        kTilesI[rows - 1](j.xi + r0 * j.k, 0, wp, j.k, j.y + r0 * j.n + c0, j.n, nc, pf);
-      } else {
-        kTiles[rows - 1](j.x + r0 * j.k, j.k, wp, j.k, j.y + r0 * j.n + c0, j.n, nc, pf);
-      }
-    }
-  }
-}
-#pragma GCC diagnostic pop
-#endif  // FLEXDRAFT_X86
-
-#if FLEXDRAFT_X86
-// x [T, K] -> out, each AVX-512 row group [r0, r0 + rows) as [K, rows] at offset r0 * K.
+// x [T, K] -> out, each row group [r0, r0 + rows) as [K, rows] at offset r0 * K.
 void InterleaveRows(const float* x, int64_t t, int64_t k, float* out) {
   const int64_t per = RowsPerGroup512(t);
   for (int64_t r0 = 0; r0 < t; r0 += per) {
@@ -331,16 +284,32 @@ void InterleaveRows(const float* x, int64_t t, int64_t k, float* out) {
     }
   }
 }
+
+template <typename W>
+FLEXDRAFT_AVX512 void PanelsAvx512(const Job& j, int64_t p0, int64_t p1) {
+  static constexpr auto kTiles = Tiles512<W>(std::make_index_sequence<kMaxRows512>());
+  const W* w = static_cast<const W*>(j.w);
+  const int64_t per = RowsPerGroup512(j.t);
+  for (int64_t p = p0; p < p1; ++p) {
+    const W* wp = w + p * j.k * kPanel;
+    const int64_t c0 = p * kPanel, nc = std::min(kPanel, j.n - c0);
+    for (int64_t r0 = 0; r0 < j.t; r0 += per) {
+      const int64_t rows = std::min(per, j.t - r0);
+      const W* pf = r0 == 0 ? wp + 16 * kPanel : p + 1 < p1 ? wp + j.k * kPanel : nullptr;
+      kTiles[rows - 1](j.xi + r0 * j.k, wp, j.k, j.y + r0 * j.n + c0, j.n, nc, pf);
+    }
+  }
+}
+#pragma GCC diagnostic pop
 #endif  // FLEXDRAFT_X86
 
 void RunPanels(const Job& j, int64_t p0, int64_t p1) {
 #if FLEXDRAFT_X86
-  const int isa = g_isa.load(std::memory_order_relaxed);
-  if (isa == kAvx512 && j.t > kMaxRows) {  // up to 6 rows AVX2 is one pass already
+  if (j.xi != nullptr) {  // the AVX-512 path, chosen by `Matmul`
     if (j.wtype == WeightType::kF32) return PanelsAvx512<float>(j, p0, p1);
     return PanelsAvx512<uint16_t>(j, p0, p1);
   }
-  if (isa >= kAvx2) {
+  if (g_isa.load(std::memory_order_relaxed) >= kAvx2) {
     if (j.wtype == WeightType::kF32) return PanelsSimd<float>(j, p0, p1);
     return PanelsSimd<uint16_t>(j, p0, p1);
   }
@@ -440,8 +409,9 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<WD>
   Job job{x.typed_data(), panels, y->typed_data(), t, k, n, p,
           WD == ffi::F32 ? WeightType::kF32 : WeightType::kF16};
 #if FLEXDRAFT_X86
-  // The AVX-512 path (more than kMaxRows rows) reads x interleaved. The buffer is this
-  // thread's and outlives `Run`, which returns once every chunk is done.
+  // AVX-512 where present for more than kMaxRows rows (up to 6 rows AVX2 is one pass
+  // already), over x interleaved (`job.xi` set picks the path). The buffer is this thread's
+  // and outlives `Run`, which returns once every chunk is done.
   thread_local std::unique_ptr<float[]> interleaved;
   thread_local int64_t capacity = 0;
   if (g_isa.load(std::memory_order_relaxed) == kAvx512 && t > kMaxRows) {
