@@ -331,10 +331,20 @@ def load_token_counts(path_dir: str | os.PathLike, vocab_size: int) -> np.ndarra
   return counts
 
 
+def meta_file(path_dir_or_json: str | os.PathLike) -> pathlib.Path:
+  """An export's drafter.json, given its folder or that file."""
+  path = pathlib.Path(path_dir_or_json)
+  return path if path.suffix == ".json" else path / META_FILE
+
+
+def drafter_dir(path_dir_or_json: str | os.PathLike) -> pathlib.Path:
+  """An export's folder (its weights, token counts, acceptance.json), given it or its json."""
+  return meta_file(path_dir_or_json).parent
+
+
 def drafter_meta(path_dir_or_json: str | os.PathLike) -> dict:
   """drafter.json of an export, checked for format and version (DrafterFileError)."""
-  path = pathlib.Path(path_dir_or_json)
-  meta_path = path if path.suffix == ".json" else path / META_FILE
+  meta_path = meta_file(path_dir_or_json)
   try:
     meta = json.loads(meta_path.read_text())
   except FileNotFoundError:
@@ -357,8 +367,7 @@ def load_drafter(path_dir_or_json: str | os.PathLike, target_config: dict,
   unless None) that differs, DrafterFileError for a missing or corrupt file.
   Floats are cast to `dtype` when given.
   """
-  path = pathlib.Path(path_dir_or_json)
-  meta_path = path if path.suffix == ".json" else path / META_FILE
+  meta_path = meta_file(path_dir_or_json)
   meta = drafter_meta(meta_path)
   trained_for = meta.get("target", {})
   expected = _target_arch(target_config)

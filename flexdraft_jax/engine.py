@@ -127,11 +127,12 @@ class Engine:
     unroll_layers = isinstance(self.params["layers"], tuple)
     self.dcfg, self.draft, self.draft_vocab, fingerprint = None, None, 0, None
     if drafter is not None:
+      folder = checkpoint.drafter_dir(drafter)
       fingerprint = checkpoint.target_fingerprint(dataclasses.asdict(self.cfg), params)
       meta, draft = checkpoint.load_drafter(drafter, dataclasses.asdict(self.cfg), fingerprint,
                                             dtype=self.cfg.param_dtype)
       self.dcfg = drafter_lib.DrafterConfig(**meta).validate(self.cfg)
-      draft, self.draft_vocab = with_draft_vocab(draft, params, self.cfg, drafter, draft_vocab)
+      draft, self.draft_vocab = with_draft_vocab(draft, params, self.cfg, folder, draft_vocab)
       self.draft = drafter_lib.decoding_draft(draft, unroll_layers, pack=pack)
     if self.mesh is not None:  # placed once, as the executables expect them
       both = {"target": self.params, "draft": self.draft}
@@ -140,8 +141,6 @@ class Engine:
     self.costs, self._auto_costs, self.setup_key = {}, None, None
     costs = "none" if costs is None else costs
     if self.dcfg is not None:
-      folder = pathlib.Path(drafter)
-      folder = folder.parent if folder.suffix == ".json" else folder
       acceptance = cost_cache.load_acceptance(folder) if costs == "auto" else None
       self.setup_key = cost_cache.setup_key(self.cfg, fingerprint, self.dcfg,
                                             cost_cache.drafter_digest(folder), unroll_layers,
@@ -315,11 +314,10 @@ class Engine:
 
 def with_draft_vocab(draft, target, cfg, drafter_path, size: int | None):
   """(draft restricted to its draft vocabulary (`drafter.draft_vocab_ids`), that vocabulary's
-  size, 0 for all tokens); `target` is the target's params as loaded."""
-  folder = pathlib.Path(drafter_path)
-  folder = folder.parent if folder.suffix == ".json" else folder
-  ids = drafter_lib.draft_vocab_ids(checkpoint.load_token_counts(folder, cfg.vocab_size), size,
-                                    cfg.vocab_size)
+  size, 0 for all tokens); `target` is the target's params as loaded, `drafter_path` the
+  export's folder or its drafter.json."""
+  counts = checkpoint.load_token_counts(checkpoint.drafter_dir(drafter_path), cfg.vocab_size)
+  ids = drafter_lib.draft_vocab_ids(counts, size, cfg.vocab_size)
   if ids is None:
     return draft, 0
   return drafter_lib.restrict_vocab(draft, target, cfg, ids), int(ids.shape[0])
