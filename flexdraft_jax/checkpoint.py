@@ -348,6 +348,10 @@ def drafter_meta(path_dir_or_json: str | os.PathLike) -> dict:
   try:
     meta = json.loads(meta_path.read_text())
   except FileNotFoundError:
+    if (meta_path.parent / "config.json").is_file():
+      raise DrafterFileError(
+          f"{meta_path} does not exist: {meta_path.parent} is not an export (for the authors' "
+          f"FlexDraft release: `python -m flexdraft_jax.checkpoint convert` it)") from None
     raise DrafterFileError(f"{meta_path} does not exist: not an exported drafter") from None
   except (OSError, ValueError) as e:
     raise DrafterFileError(f"{meta_path} is corrupt: {e}") from None
@@ -361,12 +365,18 @@ def drafter_meta(path_dir_or_json: str | os.PathLike) -> dict:
 
 def load_drafter(path_dir_or_json: str | os.PathLike, target_config: dict,
                  fingerprint: str | None, dtype: str | None = None) -> tuple[dict, dict]:
-  """Loads an exported drafter for this target: (drafter config, nested params of jnp arrays).
+  """Loads a drafter for this target: (drafter config, nested params of jnp arrays).
 
-  Raises DrafterMismatchError naming every target field (and the fingerprint,
-  unless None) that differs, DrafterFileError for a missing or corrupt file.
-  Floats are cast to `dtype` when given.
+  Reads our exports, and the authors' FlexDraft release (`official`: a folder with a
+  config.json and safetensors), whose target is checked by architecture only (it records
+  no fingerprint; said once on stderr). Raises DrafterMismatchError naming every target
+  field (and the fingerprint, unless None) that differs, DrafterFileError for a missing or
+  corrupt file (each one line). Floats are cast to `dtype` when given.
   """
+  from flexdraft_jax import official  # pylint: disable=g-import-not-at-top (it imports us)
+  release = official.release_folder(path_dir_or_json)
+  if release is not None:
+    return official.load_release(release, target_config, dtype)
   meta_path = meta_file(path_dir_or_json)
   meta = drafter_meta(meta_path)
   trained_for = meta.get("target", {})
@@ -387,3 +397,17 @@ def load_drafter(path_dir_or_json: str | os.PathLike, target_config: dict,
   except safetensors.SafetensorError as e:
     raise DrafterFileError(f"{weights_path} is corrupt: {e}") from None
   return meta["drafter"], _unflatten(flat)
+
+
+def drafter_weight_files(path_dir_or_json: str | os.PathLike) -> list[pathlib.Path]:
+  """The files holding a drafter's weights (an export's, or a release's shards), sorted."""
+  from flexdraft_jax import official  # pylint: disable=g-import-not-at-top
+  release = official.release_folder(path_dir_or_json)
+  if release is not None:
+    return sorted(set(official.tensor_files(release).values()))
+  return [drafter_dir(path_dir_or_json) / WEIGHTS_FILE]
+
+
+if __name__ == "__main__":  # python -m flexdraft_jax.checkpoint convert SRC DST --model=TARGET
+  from flexdraft_jax import official  # pylint: disable=g-import-not-at-top
+  official.main()
