@@ -401,11 +401,14 @@ def _train(config, job: _Job, start: int, ckpt, sigterm, log) -> tuple[dict, boo
 
 def init_from_export(path, cfg: ModelConfig, dcfg: DrafterConfig, fingerprint: str,
                      like: dict) -> dict:
-  """The params of the exported drafter in `path`, as the dtypes of `like` (a fresh draft's
-  shapes and dtypes: f32 master weights).
+  """The params of the drafter in `path`, as the dtypes of `like` (a fresh draft's shapes and
+  dtypes: f32 master weights): an export of ours, or the authors' FlexDraft release
+  (`official`; its target is checked by architecture only, as it records no fingerprint).
 
   DrafterMismatchError when it was trained for another target (`checkpoint.load_drafter`,
-  the check `decode.py` makes) or with another drafter config or param tree than `dcfg`.
+  the check `decode.py` makes) or with another drafter config or param tree than `dcfg`
+  (for the release: config.drafter's num_draft_layers, block_size and calib_rank must be
+  its num_hidden_layers, block_size and anchor_bias_rank).
   """
   meta, loaded = ckpt_lib.load_drafter(path, target_arch(cfg), fingerprint)
   theirs = {**DrafterConfig().to_dict(), **meta}  # exports older than a field have its default
