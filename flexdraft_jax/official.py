@@ -304,7 +304,7 @@ USAGE = "python -m flexdraft_jax.checkpoint convert SRC DST --model=TARGET [--dt
 
 def main() -> None:
   """The `convert` command (absl flags, one-line usage errors through `cli`)."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   from flexdraft_jax import cli, weights  # pylint: disable=g-import-not-at-top
   model = flags.DEFINE_string("model", None, "The target: smollm2-135m-instruct, a .gguf file "
                               "or an HF folder (e.g. Qwen3-8B's); its fingerprint is recorded.")
@@ -316,6 +316,7 @@ def main() -> None:
       raise app.UsageError(f"usage: {USAGE}")
     if model.value is None:
       raise app.UsageError("--model is required: the target the drafter serves")
+    logging.set_verbosity(logging.WARNING)  # jax logs its backend search at INFO
     try:
       path = convert(argv[2], argv[3], model.value, dtype.value)
     except (checkpoint.DrafterFileError, checkpoint.DrafterMismatchError,

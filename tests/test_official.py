@@ -373,3 +373,16 @@ def test_another_family_is_refused(setup, tiny_model):
   cfg, _ = tiny_model("llama")
   with pytest.raises(checkpoint.DrafterMismatchError, match="this target is 'llama'"):
     load(folder, cfg)
+
+
+def test_convert_cli_refuses_in_one_line(setup, tmp_path):
+  """A release for another target: exit 2 and one `error:` line, no traceback."""
+  folder = _variant(setup, tmp_path, lambda c: c.update(num_key_value_heads=4))
+  done = subprocess.run([sys.executable, "-m", "flexdraft_jax.checkpoint", "convert", str(folder),
+                         str(tmp_path / "out"), f"--model={setup[2]}"], capture_output=True,
+                        text=True, check=False)
+  assert done.returncode == 2, done.stderr
+  assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith("python -m flexdraft_jax.checkpoint: error: ")
+  assert "num_key_value_heads=4, this target has num_kv_heads=2" in last
