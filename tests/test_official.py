@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -183,8 +182,7 @@ def reference_block(target, release, tokens, anchor: int, bonus: int):
   allowed = torch.zeros(n + BLOCK, n + BLOCK, dtype=torch.bool)
   allowed[:n, :n] = causal
   allowed[n:] = True
-  x = torch.cat([x, release.mask_embedding.view(1, 1, -1)], 1) if BLOCK == 1 else torch.cat(
-      [x, release.mask_embedding.expand(1, BLOCK, -1)], 1)
+  x = torch.cat([x, release.mask_embedding.expand(1, BLOCK, -1)], 1)  # slots enter at the split
   for i, layer in enumerate(model.layers[SPLIT:]):
     x = _layer(layer, release.layers[i].self_attn, x, n, cos, sin, allowed)
   h = model.norm(x)
@@ -223,7 +221,7 @@ def test_draft_logits_match_the_release_reference(setup):
       ref_clean, ref_raw, ref_cal = reference_block(target, release, tokens[b], anchors[b, g],
                                                     bonus[b, g])
       np.testing.assert_allclose(ref_clean, hf[:anchors[b, g] + 1], atol=ATOL, rtol=0)
-      assert ref_raw.std() > 0.3 and np.abs(ref_cal[:, :] - ref_raw[1:]).mean() > 0.3
+      assert ref_raw.std() > 0.3 and np.abs(ref_cal - ref_raw[1:]).mean() > 0.3
       np.testing.assert_allclose(raw[b, g], ref_raw, atol=ATOL, rtol=0, err_msg=f"row {b} g {g}")
       np.testing.assert_allclose(calibrated[b, g], ref_cal, atol=ATOL, rtol=0)
     np.testing.assert_allclose(clean[b], hf, atol=ATOL, rtol=0)
