@@ -288,6 +288,10 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, model: str,
     raise ValueError(f"dtype must be auto or one of {checkpoint.EXPORT_DTYPES}, got {dtype!r}")
   if pathlib.Path(dst).resolve() == checkpoint.drafter_dir(src).resolve():
     raise ReleaseError(f"{dst} is the source folder: write the export elsewhere")
+  release, config = release_folder(src), pathlib.Path(model) / CONFIG_FILE
+  if release is not None and config.is_file():  # check the architecture before the weights load
+    arch = weights.config_from_hf(_read_config(config.parent), False, "bfloat16", "bfloat16")
+    drafter_config(release, dataclasses.asdict(arch))
   cfg, params = weights.load_model(model, dtype="bfloat16")  # the fingerprint reads bf16
   target = dataclasses.asdict(cfg)
   meta, draft = checkpoint.load_drafter(src, target, None)
