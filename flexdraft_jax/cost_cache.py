@@ -208,7 +208,6 @@ def measure_step_ms(params, cfg, dcfg, batch: int, *, context: int = CONTEXT,
   log(f"ar width 1: {step_ms[planner.AR, 0]:.1f} ms")
   best_ar = 1.0 / step_ms[planner.AR, 0]  # tokens per ms of ar (a certain bonus each step)
   for kind in kinds[1:]:
-    certain = kind != planner.SEQUENTIAL
     for width in planner.kind_widths(kind, widths):
       call(kind, width)  # compiles
       ratios, spent = [], 0.0
@@ -220,7 +219,7 @@ def measure_step_ms(params, cfg, dcfg, batch: int, *, context: int = CONTEXT,
       step_ms[kind, widths.index(width)] = ms
       log(f"{planner.KINDS[kind]} width {width}: {ms:.1f} ms")
       if acceptance is not None:
-        most = acceptance.stationary_tokens(planner.SOURCE_OF[kind], certain, widths[-1])
+        most = acceptance.stationary_tokens(kind, widths[-1])
         if most / ms < planner.MARGIN * best_ar:
           log(f"{planner.KINDS[kind]}: wider steps cannot beat ar here (at most "
               f"{most:.2f} tokens a step); not measured")

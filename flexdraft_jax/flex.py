@@ -22,7 +22,10 @@ L_i = the target's logits at draft i-1:
   alone (a deep-layers-only pass over the cache): the same drafts for Bs slot tokens
   instead of (w+1) x Bs;
 - sequential: a target pass over the w drafts, then a pass whose clean token is
-  b (cached once) with one block anchored at b.
+  b (cached once) with one block anchored at b. That pass gives the target's own
+  logits at b, so the token t after b is known exactly (its argmax, or a sample):
+  the step commits it too, and the new drafts are [t] + slots 1.. calibrated with t
+  (the parallel bonus's situation; ALGORITHM.md §4, sequential step).
 Any kind can follow any other: each verifies whatever drafts the row holds.
 `planner` picks the kind and width per step from a measured `CostTable`; the
 kinds that cannot pay are not compiled (`compiled_kinds`). Every row may verify
@@ -54,6 +57,7 @@ from flexdraft_jax.flex_config import (  # re-exported: flex.FlexConfig, ...
     DRAFTED, FLEX_BATCH_THRESHOLD, MODES, PARALLEL_PASSES, STRATEGIES, VERIFY_BUCKETS,
     FlexConfig, branches, compiled_kinds, parallel_pass, table_for_mode, verify_buckets)
 from flexdraft_jax.flex_stats import FlexStats, record_step
+from flexdraft_jax.sampling import sample
 from flexdraft_jax.speculation import (Candidates, behind, candidates, leading, lookup_drafts,
                                        verify)
 
@@ -62,7 +66,7 @@ from flexdraft_jax.speculation import (Candidates, behind, candidates, leading, 
 class FlexState:
   cache: model_lib.KVCache
   cand: Candidates
-  tokens: jax.Array       # [B, M + Bs + 1] generated tokens, -1 past each row's end
+  tokens: jax.Array       # [B, M + Bs + 2] generated tokens, -1 past each row's end
   num_new: jax.Array      # [B]
   done: jax.Array         # [B]
   key: jax.Array
@@ -103,7 +107,7 @@ class _Loop:
   def prefill(self, cache, key) -> FlexState:
     """The prompt as clean tokens (and one block anchored at each row's last token)."""
     b = self.prompt.shape[0]
-    out0 = jnp.full((b, self.fcfg.max_new_tokens + self.bs + 1), -1, jnp.int32)
+    out0 = jnp.full((b, self.fcfg.max_new_tokens + self.bs + 2), -1, jnp.int32)
     key, sub = jax.random.split(key)
     chunk = min(self.fcfg.prefill_chunk, self.prompt.shape[1])
     if any(k in DRAFTED for k in self.kinds):  # chunks, then a block at each row's last token
@@ -167,12 +171,13 @@ class _Loop:
     cand = self._parallel_candidates(h_acc, bonus, keys[1])
     return acc, bonus, cand, _padded(kv, width, self.bs)
 
-  def _parallel_candidates(self, h_BSD, bonus, key):
-    """[b] + slots 1.. of the accepted group's final-normed states [B, Bs, d], calibrated
-    with b: the drafts of a parallel step, single or split."""
+  def _parallel_candidates(self, h_BSD, bonus, key, kind=PARALLEL):
+    """[b] + slots 1.. of a block's final-normed states [B, Bs, d], calibrated with b, the
+    token at slot 0's position: the drafts of a parallel step (single or split; b its
+    bonus) and of a sequential step (b the draft pass's own next token)."""
     h = h_BSD[:, 1:]
     z = self._slot_logits(h, jnp.broadcast_to(bonus[:, None], h.shape[:2]))
-    return self._candidates(key, z, PARALLEL, bonus=bonus)
+    return self._candidates(key, z, kind, bonus=bonus)
 
   def _verify_only(self, c: Candidates, cache, keys, width):
     """ar / pld / sequential pass 1: the target alone verifies; the next drafts come later."""
@@ -181,12 +186,14 @@ class _Loop:
     return acc, bonus, c, _padded(kv, width, self.bs)
 
   def _draft(self, cache, bonus, key):
-    """Sequential pass 2: b as a clean token, one block anchored at it."""
+    """Sequential pass 2: b as a clean token, one block anchored at it. The target's logits
+    at b give the next token t (argmax, or a sample: the target's own law), which this step
+    commits; the drafts are [t] + slots 1.. calibrated with t (t first, certain)."""
     logits, h, kv = drafter.mixed_pass(self.params, self.cfg, self.dcfg, bonus[:, None],
                                        cache.lengths[:, None], cache)
-    cand = self._candidates(key, self._slot_logits(h[:, 0]), SEQUENTIAL,
-                            last_logits=logits[:, 0])
-    return cand, kv
+    k_next, k_draft = jax.random.split(key)
+    t = sample(k_next, logits[:, 0], self.sampling)
+    return self._parallel_candidates(h[:, 0], t, k_draft, SEQUENTIAL), kv
 
   def _draft_split(self, cache, bonus, key):
     """Split parallel pass 2: group acc's block alone, anchored at the last accepted token
@@ -247,10 +254,13 @@ class _Loop:
       cand, kv = self._second_pass(kind, cand, cache, bonus, k_draft, kv)
       if SEQUENTIAL in self.kinds:
         cache = cache.append(kv, on * (kind == SEQUENTIAL))
-    tokens, count, drafted, stop = self.commit(s, acc, bonus, active)
+    # A sequential step also commits its draft pass's next token (now cand.drafts[:, 0]).
+    free = (jnp.where(kind == SEQUENTIAL, cand.drafts[:, 0], -1) if SEQUENTIAL in self.kinds
+            else jnp.full((self.b,), -1, jnp.int32))
+    tokens, count, drafted, stop = self.commit(s, acc, bonus, active, free)
     if self.on_commit is not None:
       jax.debug.callback(self.on_commit, tokens, count, jnp.minimum(count, drafted), ordered=True)
-    out = s.tokens.at[jnp.arange(self.b)[:, None], s.num_new[:, None] + jnp.arange(self.bs + 1)[None]
+    out = s.tokens.at[jnp.arange(self.b)[:, None], s.num_new[:, None] + jnp.arange(self.bs + 2)[None]
                       ].set(tokens)  # slots past num_new hold -1: the -1 tail changes nothing
     num_new = s.num_new + count
     if AR in self.kinds or PLD in self.kinds:
@@ -266,16 +276,19 @@ class _Loop:
     return FlexState(cache=cache, cand=cand, tokens=out, num_new=num_new, done=done, key=key,
                      stats=stats)
 
-  def commit(self, s: FlexState, acc, bonus, active):
-    """Committed tokens [B, Bs+1] (-1 padded): drafts[certain..acc-1], then the bonus, cut
-    at a stop token and at max_new_tokens; their count, how many were drafts, stopped."""
-    j = jnp.arange(self.bs + 1)[None]
+  def commit(self, s: FlexState, acc, bonus, active, free):
+    """Committed tokens [B, Bs+2] (-1 padded): drafts[certain..acc-1], the bonus, then the
+    step's `free` token where it is >= 0 (sequential's), cut at a stop token and at
+    max_new_tokens; their count, how many were drafts, stopped."""
+    j = jnp.arange(self.bs + 2)[None]
     certain, drafted = s.cand.certain, acc - s.cand.certain
     ext = jnp.concatenate([s.cand.drafts, s.cand.drafts[:, :1]], axis=1)
     shifted = jnp.take_along_axis(ext, jnp.minimum(certain[:, None] + j, self.bs), axis=1)
-    tokens = jnp.where(j < drafted[:, None], shifted, bonus[:, None])
-    stop = jnp.any(tokens[..., None] == self.stops[:, None], axis=-1) & (j <= drafted[:, None])
-    count = jnp.where(stop.any(1), jnp.argmax(stop, axis=1), drafted) + 1
+    tokens = jnp.where(j < drafted[:, None], shifted,
+                       jnp.where(j == drafted[:, None], bonus[:, None], free[:, None]))
+    made = drafted + 1 + (free >= 0)
+    stop = jnp.any(tokens[..., None] == self.stops[:, None], axis=-1) & (j < made[:, None])
+    count = jnp.where(stop.any(1), jnp.argmax(stop, axis=1) + 1, made)
     count = jnp.where(active, jnp.minimum(count, self.fcfg.max_new_tokens - s.num_new), 0)
     return jnp.where(j < count[:, None], tokens, -1), count, drafted, stop.any(1)
 

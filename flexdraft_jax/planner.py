@@ -3,10 +3,11 @@
 A step of kind k at verify width w costs `step_ms[k, w]` (measured on the
 hardware at hand, per batch size) and commits, per active row,
 
-    E_k(w) = 1 - certain + sum_{i < w} prod_{j <= i} alpha_j
+    E_k(w) = 1 - certain + sum_{i < w} prod_{j <= i} alpha_j + FREE[k]
 
 tokens, where alpha_j is the chance that draft j is accepted once drafts < j
-were (1 for a `certain` draft 0: a bonus already emitted). The planner picks
+were (1 for a `certain` draft 0: a bonus already emitted), and FREE[k] = 1 for
+sequential, whose draft pass also yields the target's own next token. The planner picks
 argmax over (kind, width) of sum_active E_k(w) / step_ms[k, w].
 
 Where alpha comes from (`AcceptanceModel`, measured while calibrating):
@@ -40,6 +41,8 @@ AR, PLD, PARALLEL, SEQUENTIAL = range(4)
 SOURCES = ("lookup", "parallel", "sequential")  # what made a row's current drafts
 LOOKUP = 0
 SOURCE_OF = (LOOKUP, LOOKUP, 1, 2)  # kind -> the source of the drafts its step leaves
+FREE = (0, 0, 0, 1)  # tokens a step of each kind commits past its bonus, for sure (sequential:
+                     # the target's token after the bonus, from its draft pass)
 NUM_BINS = 10                       # confidence bins of the acceptance model
 KEEP = 0.9  # compile a kind whose stationary rate is at least this share of the best kind's
 # ... and, for a speculative kind, at least this factor over ar's: a near tie is measurement
@@ -90,12 +93,12 @@ class AcceptanceModel:
     return cls(alpha=np.broadcast_to(centers, (3, block_size, NUM_BINS)).astype(np.float32),
                alpha_bar=np.full((3, block_size), 0.5, np.float32))
 
-  def stationary_tokens(self, source: int, certain: bool, w: int) -> float:
-    """Tokens a row commits per step of width w in the steady state of `source`."""
-    a = np.asarray(self.alpha_bar[source, :w], np.float64).copy()
-    if certain:
-      a[0] = 1.0
-    return float(1 - certain + np.cumprod(a).sum())
+  def stationary_tokens(self, kind: int, w: int) -> float:
+    """Tokens a row commits per step of `kind` at width w in its steady state (every kind
+    leaves a certain draft 0: its bonus, or sequential's free token)."""
+    a = np.asarray(self.alpha_bar[SOURCE_OF[kind], :w], np.float64).copy()
+    a[0] = 1.0
+    return float(np.cumprod(a).sum() + FREE[kind])
 
 
 def _isotonic(y, w):
@@ -138,7 +141,7 @@ def expected_tokens(acc: AcceptanceModel, conf_BJ, certain_B, source_B, kinds, w
   for k in kinds:
     a = jnp.where((source_B == SOURCE_OF[k])[:, None], own, acc.alpha_bar[SOURCE_OF[k], :width][None])
     a = jnp.where((certain_B[:, None] == 1) & (j == 0), 1.0, a)
-    out.append((1 - certain_B)[:, None] + jnp.cumsum(jnp.cumprod(a, axis=1), axis=1))
+    out.append((1 - certain_B + FREE[k])[:, None] + jnp.cumsum(jnp.cumprod(a, axis=1), axis=1))
   return jnp.stack(out)
 
 
@@ -170,11 +173,10 @@ def stationary_rates(table: CostTable, widths: tuple[int, ...]) -> np.ndarray:
   step_ms, acc = np.asarray(table.step_ms), jax.device_get(table.acceptance)
   rates = np.zeros(len(KINDS))
   for k in range(len(KINDS)):
-    certain = k != SEQUENTIAL  # a sequential step drafts behind a cached bonus
     for w in kind_widths(k, widths):
       c = step_ms[k, widths.index(w)]
       if np.isfinite(c):
-        rates[k] = max(rates[k], acc.stationary_tokens(SOURCE_OF[k], certain, w) / c)
+        rates[k] = max(rates[k], acc.stationary_tokens(k, w) / c)
   return rates
 
 

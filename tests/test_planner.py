@@ -47,8 +47,9 @@ def test_expected_tokens_follow_the_formula():
   # Own source (parallel): certain row: 1 + .5 + .25 + .125; uncertain: 1 + .5 + .25 + ...
   np.testing.assert_allclose(e[0, 0], [1, 1.5, 1.75, 1.875])
   np.testing.assert_allclose(e[0, 1], [1.5, 1.75, 1.875, 1.9375])
-  # Sequential would draft anew: its stationary curve (1/4) applies.
-  np.testing.assert_allclose(e[1, 0], [1, 1.25, 1.3125, 1.328125])
+  # Sequential would draft anew: its stationary curve (1/4) applies, and its draft pass
+  # commits the target's next token too (planner.FREE).
+  np.testing.assert_allclose(e[1, 0], [2, 2.25, 2.3125, 2.328125])
 
 
 def test_costs_are_made_monotone_in_width_and_at_least_ar():
