@@ -8,6 +8,7 @@ r"""Generates text with a target model: plain AR or FlexDraft speculative decodi
 """
 from __future__ import annotations
 
+import math
 import pathlib
 import sys
 
@@ -94,14 +95,36 @@ def _drafter_path() -> str | None:
   return _DRAFTER.value
 
 
+def _missing(flag: str, value: str, want: str = "file") -> str | None:
+  """Why the path `value` of `flag` cannot be read as a `want` ('file' or 'folder'), or None."""
+  path = pathlib.Path(value)
+  if not value or not path.exists():
+    return f"{flag}={value} does not exist"
+  if want == "file" and path.is_dir():
+    return f"{flag}={value} is a directory, not a file"
+  if want == "folder" and not path.is_dir() and path.suffix != ".json":
+    return f"{flag}={value} is a file, not a folder (an exported drafter's folder or drafter.json)"
+  return None
+
+
 def _usage_checks(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if (_PROMPT.value is None) == (_PROMPTS_FILE.value is None):
     raise app.UsageError("pass exactly one of --prompt or --prompts_file")
-  if (_PROMPTS_FILE.value and _PROMPTS_FILE.value not in _prompt_sets()
-      and not pathlib.Path(_PROMPTS_FILE.value).is_file()):
-    raise app.UsageError(f"--prompts_file={_PROMPTS_FILE.value} does not exist")
+  if _PROMPT.value is not None:
+    from flexdraft_jax import prompts as prompts_lib  # no jax import
+    if not _PROMPT.value.strip():
+      raise app.UsageError("--prompt must not be empty")
+    if not prompts_lib.is_text(_PROMPT.value):
+      raise app.UsageError("--prompt is not valid UTF-8 text")
+  if _PROMPTS_FILE.value is not None and _PROMPTS_FILE.value not in _prompt_sets():
+    why = _missing("--prompts_file", _PROMPTS_FILE.value)
+    if why:
+      raise app.UsageError(why + (" (or name a prompt set: " + ", ".join(_prompt_sets()) + ")"
+                                  if "does not exist" in why else ""))
+    from flexdraft_jax import prompts as prompts_lib  # no jax import
+    prompts_lib.jsonl(_PROMPTS_FILE.value)  # PromptFileError before the model loads
   if _MAX_PROMPT.value is not None and (_MAX_PROMPT.value < 1 or _PROMPTS_FILE.value is None):
     raise app.UsageError("--max_prompt_tokens must be >= 1 and needs --prompts_file")
   if _NUM_PROMPTS.value is not None and _NUM_PROMPTS.value < 1:
@@ -110,22 +133,25 @@ def _usage_checks(argv):
     raise app.UsageError(f"--prefill_chunk must be >= 1, got {_PREFILL_CHUNK.value}")
   if _MAX_NEW.value < 1:
     raise app.UsageError(f"--max_new_tokens must be >= 1, got {_MAX_NEW.value}")
-  if _TEMPERATURE.value < 0:
-    raise app.UsageError(f"--temperature must be >= 0, got {_TEMPERATURE.value}")
+  if not (math.isfinite(_TEMPERATURE.value) and _TEMPERATURE.value >= 0):
+    raise app.UsageError(f"--temperature must be a finite number >= 0, got {_TEMPERATURE.value}")
   if not 0.0 < _TOP_P.value <= 1.0:
     raise app.UsageError(f"--top_p must be in (0, 1], got {_TOP_P.value}")
   if _TOP_K.value < 0:
     raise app.UsageError(f"--top_k must be >= 0, got {_TOP_K.value}")
+  if not 0 <= _SEED.value < 2**32:
+    raise app.UsageError(f"--seed must be in [0, 2**32), got {_SEED.value}")
   if _BATCH.value is not None and _BATCH.value < 1:
     raise app.UsageError(f"--batch_size must be >= 1, got {_BATCH.value}")
   if not 0.0 < _THRESHOLD.value <= 1.0:
     raise app.UsageError(f"--verify_threshold must be in (0, 1], got {_THRESHOLD.value}")
   if _drafter_path() is None and _MODE.value not in (None, "ar"):
     raise app.UsageError(f"--mode={_MODE.value} needs --drafter")
-  if _COSTS.value not in ("auto", "none") and not pathlib.Path(_COSTS.value).is_file():
-    raise app.UsageError(f"--costs={_COSTS.value} does not exist (or pass auto or none)")
-  if _DRAFTER.value not in ("auto", "none") and not pathlib.Path(_DRAFTER.value).exists():
-    raise app.UsageError(f"--drafter={_DRAFTER.value} does not exist")
+  if _COSTS.value not in ("auto", "none") and (why := _missing("--costs", _COSTS.value)):
+    raise app.UsageError(f"{why} (or pass auto or none)")
+  if _DRAFTER.value not in ("auto", "none") and (why := _missing("--drafter", _DRAFTER.value,
+                                                                 "folder")):
+    raise app.UsageError(why)
   model = _MODEL.value
   if model != "smollm2-135m-instruct" and not pathlib.Path(model).exists():
     raise app.UsageError(f"--model={model} is neither smollm2-135m-instruct nor an existing "
@@ -140,10 +166,7 @@ def _load_prompts(engine) -> list[str]:
   keep = None
   if _MAX_PROMPT.value is not None:
     keep = lambda text: len(engine.encode(text)) <= _MAX_PROMPT.value
-  try:
-    prompts = prompts_lib.load_prompt_set(_PROMPTS_FILE.value, _NUM_PROMPTS.value, keep)
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
+  prompts = prompts_lib.load_prompt_set(_PROMPTS_FILE.value, _NUM_PROMPTS.value, keep)
   if not prompts:
     raise app.UsageError(f"no prompt of {_PROMPTS_FILE.value} has at most "
                          f"{_MAX_PROMPT.value} tokens")
@@ -172,8 +195,7 @@ def _report(engine, mode: str, batch: int, stats) -> None:
 
 def main(argv):
   _usage_checks(argv)
-  from flexdraft_jax import checkpoint  # after flag checks: imports jax
-  from flexdraft_jax import cost_cache
+  from flexdraft_jax import cost_cache  # after flag checks: imports jax
   from flexdraft_jax import engine as engine_lib
   from flexdraft_jax import flex as flex_lib
   from flexdraft_jax.sampling import SamplingConfig
@@ -186,8 +208,11 @@ def main(argv):
                                chat_template=_CHAT.value, drafter=_drafter_path(),
                                costs=_COSTS.value, prefill_chunk=_PREFILL_CHUNK.value,
                                draft_vocab=_DRAFT_VOCAB.value)
-  except (checkpoint.DrafterMismatchError, checkpoint.DrafterFileError, ValueError) as e:
+  except ValueError as e:  # Engine's checks of the flags raise plain ValueErrors
     raise app.UsageError(str(e)) from None
+  if _TOP_K.value > engine.cfg.vocab_size:
+    raise app.UsageError(f"--top_k={_TOP_K.value} is above the vocabulary's "
+                         f"{engine.cfg.vocab_size} tokens")
   prompts = _load_prompts(engine)
   batch = _BATCH.value or min(len(prompts), 8)
   if batch > len(prompts):

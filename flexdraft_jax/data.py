@@ -25,12 +25,15 @@ import os
 import pathlib
 import sys
 import time
+import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 
 import grain
 import numpy as np
 import tqdm
 
+from flexdraft_jax import cli
 from flexdraft_jax import prompts as prompts_lib
 from flexdraft_jax import resources
 from flexdraft_jax import tokenizer as tokenizer_lib
@@ -39,10 +42,12 @@ from flexdraft_jax.engine import Engine
 RESPONSE_MODES = ("self", "original")
 _TOKENS, _INDEX, _META = "tokens.bin", "index.bin", "meta.json"
 _ROW_BYTES = 3 * 8  # one index row: int64 (offset, prompt_len, response_len)
+# What np.load raises for a file that is not a whole .npz: missing, truncated, corrupt.
+_NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
-class DatasetError(ValueError):
-  """A token dataset directory that is missing, empty or malformed."""
+class DatasetError(cli.UserError, ValueError):
+  """A token dataset directory (or archive) that is missing, empty or malformed."""
 
 
 # ----------------------------------------------------------------------------
@@ -194,11 +199,15 @@ def token_counts(source: str | pathlib.Path, vocab_size: int, split: str = "trai
   source = pathlib.Path(source)
   if source.suffix != ".npz":
     return TokenDataset(source).response_token_counts(vocab_size)
+  if not source.is_file():
+    raise DatasetError(f"{source}: {'is a directory' if source.is_dir() else 'does not exist'}"
+                       ", not a dataset archive")
   try:
     with np.load(source) as archive:
       tokens, index = archive[f"{split}_tokens"], archive[f"{split}_index"]
-  except (OSError, ValueError, KeyError) as e:
-    raise DatasetError(f"{source}: not a dataset archive with a {split!r} split ({e})") from None
+  except _NPZ_ERRORS as e:
+    raise DatasetError(f"{source}: not a dataset archive with a {split!r} split "
+                       f"({type(e).__name__}: {e})") from None
   return response_token_counts(tokens, index, vocab_size)
 
 
@@ -208,8 +217,16 @@ def token_counts(source: str | pathlib.Path, vocab_size: int, split: str = "trai
 def write_archive(path: str | pathlib.Path, dirs: dict[str, str | pathlib.Path]) -> dict:
   """Writes the committed rows of each `{split: dataset dir}` to one .npz (tokens as uint16).
 
-  Returns `{split: meta}`. DatasetError when a token id does not fit in 16 bits.
+  Returns `{split: meta}`. DatasetError when a token id does not fit in 16 bits, or `path`
+  cannot be written (checked before any dataset is read).
   """
+  out = pathlib.Path(path)
+  if out.is_dir():
+    raise DatasetError(f"{out} is a directory; give the archive's file name (OUT.npz)")
+  if not out.parent.is_dir():
+    raise DatasetError(f"{out}: the folder {out.parent} does not exist")
+  if not os.access(out.parent, os.W_OK):
+    raise DatasetError(f"{out}: the folder {out.parent} is not writable")
   arrays, metas = {}, {}
   for split, directory in dirs.items():
     ds = TokenDataset(directory)
@@ -233,6 +250,9 @@ def extract_archive(path: str | pathlib.Path, split: str, out_dir: str | pathlib
   out = pathlib.Path(out_dir)
   if (out / _META).exists():
     raise DatasetError(f"{out} already holds a dataset; extract into an empty directory")
+  if not pathlib.Path(path).is_file():
+    raise DatasetError(f"{path}: {'is a directory' if pathlib.Path(path).is_dir() else 'does not exist'}"
+                       ", not a dataset archive")
   try:
     with np.load(path) as archive:
       if f"{split}_meta" not in archive:
@@ -240,8 +260,10 @@ def extract_archive(path: str | pathlib.Path, split: str, out_dir: str | pathlib
                            f"{sorted(k[:-5] for k in archive if k.endswith('_meta'))})")
       meta = json.loads(archive[f"{split}_meta"].tobytes())
       tokens, index = archive[f"{split}_tokens"], archive[f"{split}_index"]
-  except (OSError, ValueError) as e:  # missing, truncated or not an npz
-    raise DatasetError(f"{path}: not a dataset archive ({e})") from None
+  except _NPZ_ERRORS as e:  # truncated, corrupt or not an npz
+    raise DatasetError(f"{path}: not a dataset archive ({type(e).__name__}: {e})") from None
+  if not isinstance(meta, dict) or not isinstance(meta.get("rows"), int):
+    raise DatasetError(f"{path}: the {split!r} split's meta is not a dataset's")
   out.mkdir(parents=True, exist_ok=True)
   for name, array in ((_TOKENS, tokens.astype("<i4")), (_INDEX, index.astype("<i8"))):
     with open(out / name, "wb") as f:
@@ -421,21 +443,25 @@ def grain_checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool = Fa
   return args(iterator)
 
 
+PROG = "python -m flexdraft_jax.data"
+_USAGE = (f"usage: {PROG} OUT.npz SPLIT=DIR [SPLIT=DIR ...]   or   {PROG} token_counts "
+          "DRAFTER_DIR DATASET_DIR|ARCHIVE.npz")
+
+
 def _main(argv: Sequence[str]) -> int:
   """python -m flexdraft_jax.data OUT.npz SPLIT=DIR [SPLIT=DIR ...]: write_archive;
   python -m flexdraft_jax.data token_counts DRAFTER_DIR DATA (a dataset dir or archive):
-  writes the drafter's token counts (its draft vocabulary, `drafter.restrict_vocab`)."""
+  writes the drafter's token counts (its draft vocabulary, `drafter.restrict_vocab`).
+  Errors of the user's input raise cli.UserError (`main`: one line, exit status 2)."""
   if argv[:1] == ["token_counts"]:
     return _write_token_counts(argv[1:])
   pairs = [a.split("=", 1) for a in argv[1:]]
-  if len(argv) < 2 or not argv[0].endswith(".npz") or any(len(p) != 2 for p in pairs):
-    print("usage: python -m flexdraft_jax.data OUT.npz train=DIR heldout=DIR", file=sys.stderr)
-    return 2
-  try:
-    metas = write_archive(argv[0], dict(pairs))
-  except DatasetError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  if len(argv) < 2 or not argv[0].endswith(".npz") or any(len(p) != 2 or not all(p)
+                                                           for p in pairs):
+    raise cli.UserError(_USAGE)
+  if len({split for split, _ in pairs}) != len(pairs):
+    raise cli.UserError(f"each split once: {' '.join(argv[1:])}")
+  metas = write_archive(argv[0], dict(pairs))
   for split, meta in metas.items():
     print(f"{argv[0]}: {split} {meta['rows']} rows, {meta['tokens']} tokens "
           f"({meta.get('prompts_done')} prompts done)")
@@ -446,19 +472,19 @@ def _main(argv: Sequence[str]) -> int:
 def _write_token_counts(args: Sequence[str]) -> int:
   from flexdraft_jax import checkpoint  # pylint: disable=g-import-not-at-top
   if len(args) != 2:
-    print("usage: python -m flexdraft_jax.data token_counts DRAFTER_DIR DATASET_DIR|ARCHIVE.npz",
-          file=sys.stderr)
-    return 2
-  try:
-    vocab = checkpoint.drafter_meta(args[0])["target"]["vocab_size"]
-    counts = token_counts(args[1], vocab)
-  except (DatasetError, checkpoint.DrafterFileError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    raise cli.UserError(_USAGE)
+  meta = checkpoint.drafter_meta(args[0])
+  vocab = meta.get("target", {}).get("vocab_size") if isinstance(meta.get("target"), dict) else None
+  if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+    raise cli.UserError(f"{checkpoint.meta_file(args[0])}: target.vocab_size must be a "
+                        f"positive integer, got {vocab!r}")
+  counts = token_counts(args[1], vocab)
   path = checkpoint.save_token_counts(args[0], counts)
   print(f"{path}: {int(counts.sum())} response tokens, {int((counts > 0).sum())} distinct")
   return 0
 
 
+main = cli.guard(_main, PROG)  # one line and exit status 2 for the user's errors
+
 if __name__ == "__main__":
-  sys.exit(_main(sys.argv[1:]))
+  sys.exit(main(sys.argv[1:]))

@@ -122,6 +122,16 @@ def build(data_dir, cfg: ModelConfig, target, dcfg: DrafterConfig, fingerprint: 
   done = int(meta.get("rows", 0))
   rec_bytes = bytes_per_token(cfg, dcfg, dtype)
   ends = index[:, 0] + index[:, 1] + index[:, 2]
+  if not 0 <= done <= len(index):
+    raise KVCacheError(f"{data_dir / _KV_META}: rows={done} is not in [0, {len(index)}] (the "
+                       f"dataset's rows); delete it and {_KV}, then {_build_hint(data_dir)}")
+  size = (data_dir / _KV).stat().st_size if (data_dir / _KV).exists() else 0
+  whole = int(np.searchsorted(ends, size // rec_bytes, side="right"))  # rows fully on disk
+  if whole < done:  # damaged after its commit (truncated): rebuild from the last whole row
+    if progress:
+      print(f"warning: {data_dir / _KV} holds the records of {whole} rows, {_KV_META} commits "
+            f"{done}; caching again from row {whole}", file=sys.stderr)
+    done = meta["rows"] = whole
   committed = int(index[done, 0]) if done < len(index) else int(ends.max(initial=0))
   todo = int(ends.max(initial=0)) - committed
   free = shutil.disk_usage(data_dir).free
@@ -181,6 +191,13 @@ class KVStore:
                          f"dataset's {rows} rows; rerun python train.py --mode=cache_kv to "
                          f"finish it")
     self.shape = record_shape(cfg, dcfg)
+    need = int(np.prod(self.shape)) * jnp.dtype(self.dtype).itemsize * int(
+        data_lib.TokenDataset(self.path)._index.sum(axis=1).max(initial=0))
+    size = (self.path / _KV).stat().st_size if (self.path / _KV).is_file() else 0
+    if size < need:
+      raise KVCacheError(f"{self.path / _KV}: {size} bytes, the {rows} cached rows need {need} "
+                         f"(damaged after it was written); rerun python train.py "
+                         f"--mode=cache_kv to cache the missing rows again")
     self.records = np.memmap(self.path / _KV, dtype=jnp.dtype(self.dtype), mode="r").reshape(
         (-1,) + self.shape)
 

@@ -8,6 +8,7 @@ import logging
 import pathlib
 from typing import Callable
 
+from flexdraft_jax import cli
 from flexdraft_jax import resources
 
 HELDOUT_PER_10K = 200  # ~2% of ShareGPT conversations are held out
@@ -16,9 +17,17 @@ PROMPT_SETS = ("mtbench", "sharegpt-train", "sharegpt-heldout")
 _log = logging.getLogger(__name__)
 
 
+class PromptFileError(cli.UserError, ValueError):
+  """A prompt file or set name that cannot be used; the message names it (and the line)."""
+
+
+class PromptFileNotFound(PromptFileError, FileNotFoundError):
+  """A prompt file that does not exist."""
+
+
 def _limited(prompts: tuple[str, ...] | list[str], limit: int | None) -> list[str]:
   if limit is not None and limit < 0:
-    raise ValueError(f"limit must be >= 0, got {limit}")
+    raise PromptFileError(f"limit must be >= 0, got {limit}")
   return list(prompts if limit is None else prompts[:limit])
 
 
@@ -28,38 +37,58 @@ def _limited(prompts: tuple[str, ...] | list[str], limit: int | None) -> list[st
 def jsonl(path: str | pathlib.Path, limit: int | None = None) -> list[str]:
   """Prompts of a jsonl file whose rows have `prompt` (str) or `turns` (first is used)."""
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise PromptFileError(f"{path} is a directory, not a prompt file")
   if not path.is_file():
-    raise FileNotFoundError(f"prompt file not found: {path}")
+    raise PromptFileNotFound(f"prompt file not found: {path}")
   prompts = []
-  with path.open(encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
+  with path.open("rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise PromptFileError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the "
+                              "line)") from None
       if not line.strip():
         continue
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        raise PromptFileError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
       prompts.append(_row_prompt(row, f"{path}:{lineno}"))
   if not prompts:
-    raise ValueError(f"{path}: no prompts (the file is empty)")
+    raise PromptFileError(f"{path}: no prompts (the file is empty)")
   return _limited(prompts, limit)
 
 
 def _row_prompt(row: object, where: str) -> str:
   if not isinstance(row, dict):
-    raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    raise PromptFileError(f"{where}: expected a JSON object, got {type(row).__name__}")
   if "prompt" in row:
     prompt = row["prompt"]
   elif "turns" in row:
     turns = row["turns"]
     if not isinstance(turns, list) or not turns:
-      raise ValueError(f"{where}: 'turns' must be a non-empty list")
+      raise PromptFileError(f"{where}: 'turns' must be a non-empty list")
     prompt = turns[0]
   else:
-    raise ValueError(f"{where}: row has neither 'prompt' nor 'turns' (keys: {sorted(row)})")
+    raise PromptFileError(f"{where}: row has neither 'prompt' nor 'turns' (keys: {sorted(row)})")
   if not isinstance(prompt, str) or not prompt.strip():
-    raise ValueError(f"{where}: prompt must be a non-empty string, got {prompt!r:.60}")
+    raise PromptFileError(f"{where}: prompt must be a non-empty string, got {prompt!r:.60}")
+  if not is_text(prompt):
+    raise PromptFileError(f"{where}: the prompt holds a lone surrogate ({prompt!r:.60}), "
+                          "which is not text a tokenizer can take")
   return prompt
+
+
+def is_text(s: str) -> bool:
+  """Whether `s` is encodable text (no lone surrogates, as JSON escapes or an argv of
+  invalid UTF-8 bytes make)."""
+  try:
+    s.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
 
 
 @functools.lru_cache(maxsize=1)
@@ -193,5 +222,7 @@ def load_prompt_set(name_or_path: str | pathlib.Path, limit: int | None = None,
     return sharegpt(name.removeprefix("sharegpt-"), limit)
   if name.endswith(".jsonl") or pathlib.Path(name).is_file():
     return jsonl(name, limit)
-  raise ValueError(f"unknown prompt set {name!r}: use one of {list(PROMPT_SETS)} "
-                   "or a path to a .jsonl file")
+  if pathlib.Path(name).is_dir():
+    raise PromptFileError(f"{name} is a directory, not a prompt file")
+  raise PromptFileError(f"unknown prompt set {name!r}: use one of {list(PROMPT_SETS)} "
+                        "or a path to a .jsonl file")

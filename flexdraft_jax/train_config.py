@@ -9,9 +9,12 @@ its suggestion.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import pathlib
 import re
 
+from flexdraft_jax import cli
 from flexdraft_jax import resources
 from flexdraft_jax.model_config import FAMILIES, ModelConfig
 
@@ -24,20 +27,23 @@ CALIB_TARGETS = ("logits", "hidden")      # drafter.CALIB_TARGETS
 MODES = ("train", "generate", "memory", "cache_kv")  # train.py --mode
 
 
-class ConfigError(ValueError):
+class ConfigError(cli.UserError, ValueError):
   """A config field out of range; the message is one line that names the field."""
 
 
 def _at_least(config, name: str, low, kind=int):
   value = _get(config, name)
   kinds = (int,) if kind is int else (int, float)
-  if not isinstance(value, kinds) or isinstance(value, bool) or value < low:
+  if (not isinstance(value, kinds) or isinstance(value, bool) or not math.isfinite(value)
+      or value < low):
     raise ConfigError(f"config.{name} must be {'an integer' if kind is int else 'a number'} "
                       f">= {low}, got {value!r}")
 
 
 def _positive(config, name: str):
   value = _get(config, name)
+  if isinstance(value, float) and math.isinf(value):
+    raise ConfigError(f"config.{name} must be a finite number, got {value!r}")
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
     raise ConfigError(f"config.{name} must be > 0, got {value!r}")
 
@@ -45,6 +51,7 @@ def _positive(config, name: str):
 def _in_range(config, name: str, low: float, high: float):
   value = _get(config, name)
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+    # nan fails the comparison too
     raise ConfigError(f"config.{name} must be in [{low}, {high}), got {value!r}")
 
 
@@ -133,7 +140,8 @@ def _check_archive(config, mode: str) -> None:
   if not isinstance(path, str):
     raise ConfigError(f"config.data.archive must be a .npz path or '', got {path!r}")
   if path and mode in ("train", "cache_kv") and not pathlib.Path(path).is_file():
-    raise ConfigError(f"config.data.archive={path!r} does not exist")
+    why = "is a directory" if pathlib.Path(path).is_dir() else "does not exist"
+    raise ConfigError(f"config.data.archive={path!r} {why}")
 
 
 def _check_init_from(config, mode: str) -> None:
@@ -199,6 +207,21 @@ def validate(config, mode: str = "train") -> None:
   _check_paths(config, mode)
   _check_init_from(config, mode)
   _check_archive(config, mode)
+
+
+def check_workdir(workdir) -> None:
+  """cli.WorkdirError when `workdir` is empty, a file, or cannot be written (the nearest
+  existing folder of a new one): before any work, as the run would fail at its first write."""
+  if not workdir:
+    raise cli.WorkdirError("--workdir must not be empty")
+  path = pathlib.Path(workdir).absolute()
+  if path.exists() and not path.is_dir():
+    raise cli.WorkdirError(f"--workdir={workdir} is a file, not a directory")
+  existing = next(p for p in (path, *path.parents) if p.exists())
+  if not existing.is_dir():
+    raise cli.WorkdirError(f"--workdir={workdir}: {existing} is a file, not a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise cli.WorkdirError(f"--workdir={workdir}: {existing} is not writable")
 
 
 def check_devices(config, num_devices: int) -> None:

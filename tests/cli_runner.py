@@ -75,6 +75,11 @@ def _call(module, argv: list[str]) -> int:
   from flexdraft_jax import cost_cache
   flags.FLAGS.unparse_flags()
   cost_cache._warned.clear()  # pylint: disable=protected-access
+  # ml_collections' config flag reads its --config.KEY overrides from sys.argv and defines a
+  # flag for each while parsing: a fresh process each time for a user.
+  sys.argv = list(argv)
+  for name in [n for n in flags.FLAGS if "." in n]:
+    delattr(flags.FLAGS, name)
   try:
     module._main(module._parse_flags(argv))  # pylint: disable=protected-access
     return 0

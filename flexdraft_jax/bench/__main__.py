@@ -51,10 +51,15 @@ drafter decodes without it (only parallel steps use it).
 from absl import app
 from absl import flags
 
+from flexdraft_jax import cli
 from flexdraft_jax.bench import driver
 from flexdraft_jax.bench import options
 
 flags.adopt_module_key_flags(options)  # --help lists the benchmark's flags
 
+# One line and exit status 2 for a user error, not the usage text (tests/cli_runner.py
+# calls these two in process).
+_parse_flags, _main = cli.wrap(driver.main, driver.PROG)
+
 if __name__ == "__main__":
-  app.run(driver.main)
+  app.run(_main, flags_parser=_parse_flags)

@@ -79,10 +79,7 @@ def load_prompts(opts: Options, tok) -> list[str]:
   keep = None
   if opts.max_prompt_tokens is not None:
     keep = lambda t: len(tokenizer_lib.chat_prompt_ids(tok, t)) <= opts.max_prompt_tokens
-  try:
-    texts = prompts_lib.load_prompt_set(opts.prompts, opts.num_prompts, keep)
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
+  texts = prompts_lib.load_prompt_set(opts.prompts, opts.num_prompts, keep)  # UserError
   if len(texts) < opts.num_prompts:
     raise app.UsageError(f"--prompts={opts.prompts} has only {len(texts)} prompts" + (
         f" of at most {opts.max_prompt_tokens} tokens" if keep else "") +
@@ -107,6 +104,10 @@ def load_workload(opts: Options, out_dir: pathlib.Path):
                "unrolled" if unroll else "scanned", time.perf_counter() - start)
   eos_ids = tokenizer_lib.stop_token_ids(tok)
   prompt_ids = [tokenizer_lib.chat_prompt_ids(tok, t) for t in texts]
+  longest = max(map(len, prompt_ids))
+  if longest + opts.max_new_tokens > cfg.max_position:
+    raise app.UsageError(f"--max_new_tokens={opts.max_new_tokens}: a prompt of {longest} tokens "
+                         f"plus that exceeds the model's {cfg.max_position} positions")
   logging.info("%d prompts from %s, %d..%d tokens", len(prompt_ids), opts.prompts,
                min(map(len, prompt_ids)), max(map(len, prompt_ids)))
   work = Workload(cfg=cfg, params=params, prompt_ids=prompt_ids, eos_ids=eos_ids,
@@ -225,7 +226,11 @@ def run(opts: Options) -> dict[str, Any]:
   return result
 
 
+PROG = "python -m flexdraft_jax.bench"
+
+
 def main(argv):
+  """The CLI's main (behind `cli.wrap` in `__main__`: user errors are one line, exit 2)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if options_lib.compilation_cache():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 from typing import Sequence
 
@@ -112,8 +113,10 @@ class Options:
 
 def validate(opts: Options) -> None:
   """Raises app.UsageError for bad settings, before anything slow happens."""
+  if not [m for m in opts.modes if m]:
+    raise app.UsageError(f"--modes must name at least one mode of {', '.join(runners.MODES)}")
   unknown = [m for m in opts.modes if m not in runners.MODES]
-  if unknown or not opts.modes:
+  if unknown:
     raise app.UsageError(f"unknown --modes {unknown or opts.modes}; known: {', '.join(runners.MODES)}")
   if not opts.batch_sizes or any(b < 1 for b in opts.batch_sizes):
     raise app.UsageError(f"--batch_sizes must be positive integers, got {opts.batch_sizes}")
@@ -129,7 +132,16 @@ def validate(opts: Options) -> None:
   if opts.max_prompt_tokens is not None and opts.max_prompt_tokens < 1:
     raise app.UsageError(f"--max_prompt_tokens must be >= 1, got {opts.max_prompt_tokens}")
   if opts.costs not in ("auto", "none") and not pathlib.Path(opts.costs).is_file():
-    raise app.UsageError(f"--costs={opts.costs} does not exist (or pass auto or none)")
+    why = "is a directory" if pathlib.Path(opts.costs).is_dir() else "does not exist"
+    raise app.UsageError(f"--costs={opts.costs} {why} (or pass auto or none)")
+  if opts.drafter is not None and not pathlib.Path(opts.drafter).exists():
+    raise app.UsageError(f"--drafter={opts.drafter} does not exist")
+  out = pathlib.Path(opts.out_dir or ".").absolute()
+  existing = next(p for p in (out, *out.parents) if p.exists())
+  if not existing.is_dir():
+    raise app.UsageError(f"--out_dir={opts.out_dir}: {existing} is a file, not a folder")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise app.UsageError(f"--out_dir={opts.out_dir}: {existing} is not writable")
   if opts.save_acceptance and (not opts.calibrate or opts.drafter is None):
     raise app.UsageError("--save_acceptance needs --calibrate and --drafter")
   if opts.block_size < 2 or opts.random_drafter_layers < 1:
