@@ -6,7 +6,11 @@ the frozen target is never saved), `data` (the grain iterator state) and
 `config` (the run config as JSON). Orbax writes each step to
 `<step>.orbax-checkpoint-tmp` and renames it when complete (on GCS it writes
 `commit_success.txt` instead), so an interrupted save is never listed as a step;
-a Checkpointer deletes leftover temporary dirs when it opens the workdir.
+a Checkpointer deletes leftover temporary dirs when it opens the workdir. A step whose
+files were damaged afterwards (a full disk, a crash of a shared filesystem, an empty
+step folder) is skipped with a one-line warning: a run resumes from the newest step
+that restores, and no checkpoint is ever deleted for it (one saved again at the same
+step moves the damaged folder aside to `<step>.unrestorable-<time>` first).
 
 The exported drafter is `drafter.safetensors` (params named by their '.'-joined
 paths) plus `drafter.json` (format, drafter config, and the target it was
@@ -14,12 +18,17 @@ trained for: architecture facts and a weights fingerprint).
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import signal
+import sys
 import threading
+import time
+import warnings
 from typing import Any
 
 import grain
@@ -96,15 +105,18 @@ def _config_diff(old: dict, new: dict) -> list[str]:
 class Checkpointer:
   """Saves and restores the train state, data iterator and config under `workdir/checkpoints`.
 
-  Opening a workdir whose latest checkpoint has a different config (outside
+  Opening a workdir whose newest readable checkpoint has a different config (outside
   RESUMABLE_KEYS) raises CheckpointError. Interval saves are asynchronous (the
   next save waits for the previous one); forced saves, `latest_step`, `restore`
-  and `close` wait until every started save is finalized.
+  and `close` wait until every started save is finalized. A checkpoint that does not
+  restore is skipped with one warning line on stderr (`skipped` lists them), never
+  deleted.
   """
 
   def __init__(self, workdir: str | os.PathLike, config: dict, save_interval_steps: int,
                max_to_keep: int | None = 3):
     self.config = json.loads(json.dumps(config))
+    self.skipped: dict[int, str] = {}  # step -> why it does not restore
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         create=True, cleanup_tmp_directories=True,
@@ -124,21 +136,36 @@ class Checkpointer:
   def directory(self) -> pathlib.Path:
     return pathlib.Path(self._manager.directory)
 
-  def _check_config(self):
-    step = self._manager.latest_step()
-    if step is None:
+  def _skip(self, step: int, error: Exception) -> None:
+    """Remembers that `step` does not restore, and says so once (process 0)."""
+    if step in self.skipped:
       return
-    saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    diffs = _config_diff(saved["config"], self.config)
-    if diffs:
-      raise CheckpointError(
-          f"the checkpoints in {self.directory} were made with a different config (step "
-          f"{step}); these keys must not change on resume:\n  " + "\n  ".join(diffs) +
-          f"\nUse a new workdir, or restore those values (keys that may change: "
-          f"{', '.join(sorted(RESUMABLE_KEYS))}).")
+    lines = str(error).strip().splitlines() or [""]
+    self.skipped[step] = f"{type(error).__name__}: {lines[0][:200]}"
+    if jax.process_index() == 0:
+      print(f"warning: checkpoint {self.directory / str(step)} does not restore "
+            f"({self.skipped[step]}); skipped, not deleted", file=sys.stderr)
+
+  def _check_config(self):
+    """The config of the newest checkpoint whose config restores against this run's."""
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        saved = self._manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+      except Exception as e:  # noqa: BLE001 - damaged on disk: any error of the reader
+        self._skip(step, e)
+        continue
+      diffs = _config_diff(saved, self.config)
+      if diffs:
+        raise CheckpointError(
+            f"the checkpoints in {self.directory} were made with a different config (step "
+            f"{step}); these keys must not change on resume:\n  " + "\n  ".join(diffs) +
+            f"\nUse a new workdir, or restore those values (keys that may change: "
+            f"{', '.join(sorted(RESUMABLE_KEYS))}).")
+      return
 
   def latest_step(self) -> int | None:
-    """The newest complete checkpoint's step, or None."""
+    """The newest complete checkpoint's step (whether it restores or not), or None."""
     self._manager.wait_until_finished()
     return self._manager.latest_step()
 
@@ -148,8 +175,21 @@ class Checkpointer:
 
     Returns whether a save started. A forced save (preemption, end of training)
     returns once the checkpoint is complete on disk; forcing a step that is
-    already saved only waits for it.
+    already saved only waits for it. A step saved before that does not restore
+    (`skipped`) is moved aside first, to `<step>.unrestorable-<time>`.
     """
+    if step in self.skipped and step in self._manager.all_steps():
+      self._manager.wait_until_finished()
+      if jax.process_index() == 0:
+        aside = self.directory / f"{step}.unrestorable-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(self.directory / str(step), aside)
+        print(f"warning: moved the checkpoint that does not restore to {aside}",
+              file=sys.stderr)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices(f"checkpoint_aside_{step}")
+      self._manager.reload()
+      del self.skipped[step]
     if step in self._manager.all_steps():
       saved = False
     else:
@@ -161,8 +201,21 @@ class Checkpointer:
       self._manager.wait_until_finished()
     return saved
 
-  def restore(self, abstract_state: Any, data_iter: grain.DatasetIterator | None = None) -> Any:
-    """Restores the latest checkpoint's state, and `data_iter`'s position in place.
+  def _restore_step(self, step: int, abstract_state: Any,
+                    data_iter: grain.DatasetIterator | None) -> Any:
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, jax.Array) else x, abstract_state)
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def restore_newest(self, abstract_state: Any,
+                     data_iter: grain.DatasetIterator | None = None) -> tuple[int, Any] | None:
+    """(step, state) of the newest checkpoint that restores, `data_iter`'s position set in
+    place; None when there is no checkpoint. Each newer one that does not restore is
+    warned about in one line and left on disk; CheckpointError when none restores.
 
     `abstract_state` gives the tree structure, dtypes and shardings: arrays or
     `jax.ShapeDtypeStruct`s with a `.sharding` (e.g. from `jax.eval_shape`, or
@@ -171,16 +224,29 @@ class Checkpointer:
     its target sharding: a checkpoint saved under one mesh restores under another.
     A ShapeDtypeStruct without a sharding gets the layout recorded in the checkpoint.
     """
-    step = self.latest_step()
-    if step is None:
+    self._manager.wait_until_finished()
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    for step in steps:
+      if step in self.skipped:
+        continue
+      try:
+        return step, self._restore_step(step, abstract_state, data_iter)
+      except Exception as e:  # noqa: BLE001 - damaged on disk: any error of the reader
+        self._skip(step, e)
+      _drop_failed_reads()
+    raise CheckpointError(
+        f"none of the {len(steps)} checkpoints in {self.directory} restores (steps "
+        f"{', '.join(map(str, steps))}; newest: {self.skipped[steps[0]]}); nothing was "
+        "deleted: move that folder away to start from scratch, or use another workdir")
+
+  def restore(self, abstract_state: Any, data_iter: grain.DatasetIterator | None = None) -> Any:
+    """The state of `restore_newest`; CheckpointError when there is no checkpoint."""
+    restored = self.restore_newest(abstract_state, data_iter)
+    if restored is None:
       raise CheckpointError(f"no checkpoint to restore in {self.directory}")
-    abstract_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        if isinstance(x, jax.Array) else x, abstract_state)
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    return restored[1]
 
   def close(self):
     self._manager.close()  # waits for outstanding saves
@@ -190,6 +256,32 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _drop_failed_reads() -> None:
+  """Quiets what a failed orbax restore leaves behind (the skip's one line says it): the
+  reads still in flight, which finish later and call back into the restore's closed event
+  loop (sys.unraisablehook would print 'RuntimeError: Event loop is closed' with a
+  traceback for each; from now on only those are dropped), and its read tasks, collected
+  here with asyncio's logger off (each would log 'Task exception was never retrieved'
+  and a traceback)."""
+  previous = sys.unraisablehook
+  if not getattr(previous, "_drops_closed_loop_callbacks", False):
+    def hook(unraisable):
+      if not (unraisable.exc_type is RuntimeError
+              and str(unraisable.exc_value) == "Event loop is closed"):
+        previous(unraisable)
+    hook._drops_closed_loop_callbacks = True  # pylint: disable=protected-access
+    sys.unraisablehook = hook
+  log = logging.getLogger("asyncio")
+  level = log.level
+  log.setLevel(logging.CRITICAL)
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      gc.collect()
+  finally:
+    log.setLevel(level)
 
 
 class SigtermFlag:

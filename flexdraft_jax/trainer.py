@@ -1,8 +1,10 @@
 """The training job behind `train.py`: data -> packed blocks -> train step -> checkpoint -> export.
 
-`run(config, workdir)` starts from scratch or resumes from the latest complete
-checkpoint in `workdir`, logs metrics as JSONL (process 0 only), saves on an
-interval and on SIGTERM, and exports the drafter to `workdir/drafter` at the end.
+`run(config, workdir)` starts from scratch or resumes from the newest checkpoint in
+`workdir` that restores (`checkpoint.Checkpointer.restore_newest`), logs metrics as
+JSONL (process 0 only), saves on an interval, and exports the drafter to
+`workdir/drafter` at the end. SIGTERM saves and raises `Preempted` (train.py: exit
+status 143, and how to resume).
 
 With several processes (`train.py --multihost`), each reads the data shard of the
 batch rows its devices hold and they assemble the global batch (`multihost`); the
@@ -27,6 +29,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from flexdraft_jax import checkpoint as ckpt_lib
+from flexdraft_jax import cli
 from flexdraft_jax import data as data_lib
 from flexdraft_jax import drafter as drafter_lib
 from flexdraft_jax import kv_data
@@ -34,10 +37,22 @@ from flexdraft_jax import model as model_lib
 from flexdraft_jax import multihost
 from flexdraft_jax import sharding as sharding_lib
 from flexdraft_jax import train_memory
+from flexdraft_jax import train_config
 from flexdraft_jax import training
 from flexdraft_jax import weights
 from flexdraft_jax.drafter import DrafterConfig
 from flexdraft_jax.model_config import ModelConfig, RopeScaling, default_dtype
+
+
+class Preempted(cli.Exit):
+  """SIGTERM stopped the run after saving `step`; rerunning the same command resumes it."""
+
+  def __init__(self, step: int, directory):
+    super().__init__(f"SIGTERM: saved step {step} in {directory}; exiting with status "
+                     f"{cli.EXIT_SIGTERM}. Run the same command again to resume.",
+                     cli.EXIT_SIGTERM)
+    self.step = step
+
 
 # ----------------------------------------------------------------------------
 # Config -> typed pieces
@@ -54,10 +69,25 @@ def arch_config(arch: dict, dtype: str) -> ModelConfig:
 
 
 def drafter_config(config, cfg: ModelConfig) -> DrafterConfig:
-  dcfg = DrafterConfig(**config.drafter.to_dict()).validate(cfg)
+  """config.drafter checked against the target (ConfigError, e.g. more draft layers than
+  the target has: known only once the target is)."""
+  try:
+    dcfg = DrafterConfig(**config.drafter.to_dict()).validate(cfg)
+  except (TypeError, ValueError) as e:
+    raise train_config.ConfigError(f"config.drafter: {e}") from None
   if config.seq_len < dcfg.block_size + 1:
-    raise ValueError(f"seq_len={config.seq_len} is below block_size + 1 = {dcfg.block_size + 1}")
+    raise train_config.ConfigError(f"seq_len={config.seq_len} is below block_size + 1 = "
+                                   f"{dcfg.block_size + 1}")
   return dcfg
+
+
+def check_memory(config, cfg: ModelConfig, dcfg: DrafterConfig, mesh_shape) -> dict:
+  """`train_memory.check_memory`, its over-budget MemoryError as a ConfigError (the config's
+  sizes or hbm_gib are what to change)."""
+  try:
+    return train_memory.check_memory(config, cfg, dcfg, mesh_shape)
+  except MemoryError as e:
+    raise train_config.ConfigError(f"config.hbm_gib: {e}") from None
 
 
 def optim_config(config) -> training.OptimConfig:
@@ -126,7 +156,7 @@ def generate_data(config, workdir, target=None, fingerprint=None) -> None:
   """Builds (or resumes) the self-distilled train and held-out sets (in one process),
   after the rows of config.data.archive when it is set."""
   if jax.process_count() > 1:
-    raise ValueError("building the datasets needs a single process: run train.py --mode=generate "
+    raise cli.UserError("building the datasets needs a single process: run train.py --mode=generate "
                      "without --multihost first (into a directory every host can read), then "
                      "train with config.data.generate_if_missing=False")
   from flexdraft_jax.engine import Engine
@@ -208,7 +238,7 @@ def cache_kv(config, workdir) -> None:
   split when evaluating) for offline mode, after extracting config.data.archive (or building
   the data, with data.generate_if_missing); resumable."""
   if jax.process_count() > 1:
-    raise ValueError("caching K/V needs a single process: run train.py --mode=cache_kv without "
+    raise cli.UserError("caching K/V needs a single process: run train.py --mode=cache_kv without "
                      "--multihost first, into a directory every host can read")
   cfg, target = load_target(config)
   dcfg = drafter_config(config, cfg)
@@ -291,7 +321,7 @@ def _prepare(config, workdir: pathlib.Path) -> _Job:
   cfg, target = load_target(config, mesh)
   dcfg = drafter_config(config, cfg)
   lcfg, ocfg = loss_config(config), optim_config(config)
-  est = train_memory.check_memory(config, cfg, dcfg, mesh.devices.shape)
+  est = check_memory(config, cfg, dcfg, mesh.devices.shape)
   fingerprint = ckpt_lib.target_fingerprint(target_arch(cfg), target)
   if config.get("init_from"):  # a resumed run restores over it
     draft = init_from_export(config.init_from, cfg, dcfg, fingerprint, jax.eval_shape(
@@ -330,9 +360,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   log = _Log(workdir)
   with ckpt_lib.Checkpointer(workdir, {**config.to_dict(), "fingerprint": job.fingerprint},
                              config.save_every) as ckpt, ckpt_lib.SigtermFlag() as sigterm:
-    start = ckpt.latest_step() or 0
-    if start:
-      job.state = training.TrainState(**ckpt.restore(job.state.as_dict(), job.iterator))
+    restored = ckpt.restore_newest(job.state.as_dict(), job.iterator)  # None: no checkpoint
+    start = 0
+    if restored is not None:
+      start, state = restored
+      job.state = training.TrainState(**state)
       if main:
         print(f"resumed from step {start} in {ckpt.directory}", file=sys.stderr)
     elif main:
@@ -343,7 +375,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     last, stopped = _train(config, job, start, ckpt, sigterm, log)
     if stopped:
       log.close()
-      return last
+      raise Preempted(int(job.state.step), ckpt.directory)
     ckpt.maybe_save(int(job.state.step), job.state.as_dict(), job.iterator, force=True)
   log.close()
   draft = multihost.to_host(job.state.draft)  # every process takes part; process 0 writes
@@ -391,9 +423,7 @@ def _train(config, job: _Job, start: int, ckpt, sigterm, log) -> tuple[dict, boo
         log.write(last)
       break
     ckpt.maybe_save(step, job.state.as_dict(), job.iterator, force=stop)
-    if stop:
-      if main:
-        print(f"SIGTERM: saved step {step}, exiting", file=sys.stderr)
+    if stop:  # run() raises Preempted, which says so
       return last, True
   bar.close()
   return last, False
