@@ -228,6 +228,7 @@ class Checkpointer:
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       return None
+    _quiet_closed_loop_callbacks()  # before any read: a failed one's leftovers race it
     for step in steps:
       if step in self.skipped:
         continue
@@ -258,21 +259,26 @@ class Checkpointer:
     self.close()
 
 
-def _drop_failed_reads() -> None:
-  """Quiets what a failed orbax restore leaves behind (the skip's one line says it): the
-  reads still in flight, which finish later and call back into the restore's closed event
-  loop (sys.unraisablehook would print 'RuntimeError: Event loop is closed' with a
-  traceback for each; from now on only those are dropped), and its read tasks, collected
-  here with asyncio's logger off (each would log 'Task exception was never retrieved'
-  and a traceback)."""
+def _quiet_closed_loop_callbacks() -> None:
+  """From now on, drops the unraisable 'RuntimeError: Event loop is closed' that reads of a
+  failed orbax restore raise when they finish after the restore gave up (tensorstore calls
+  back into its closed event loop; sys.unraisablehook would print each with a traceback;
+  the skip's one line says what failed). Any other unraisable is printed as before."""
   previous = sys.unraisablehook
-  if not getattr(previous, "_drops_closed_loop_callbacks", False):
-    def hook(unraisable):
-      if not (unraisable.exc_type is RuntimeError
-              and str(unraisable.exc_value) == "Event loop is closed"):
-        previous(unraisable)
-    hook._drops_closed_loop_callbacks = True  # pylint: disable=protected-access
-    sys.unraisablehook = hook
+  if getattr(previous, "_drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    if not (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+  hook._drops_closed_loop_callbacks = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
+def _drop_failed_reads() -> None:
+  """Collects the read tasks a failed orbax restore leaves behind, with asyncio's logger
+  off: each would log 'Task exception was never retrieved' and a traceback."""
   log = logging.getLogger("asyncio")
   level = log.level
   log.setLevel(logging.CRITICAL)
