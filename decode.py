@@ -134,7 +134,7 @@ def _usage_checks(argv):
   if _MAX_NEW.value < 1:
     raise app.UsageError(f"--max_new_tokens must be >= 1, got {_MAX_NEW.value}")
   if not (math.isfinite(_TEMPERATURE.value) and _TEMPERATURE.value >= 0):
-    raise app.UsageError(f"--temperature must be a finite number >= 0, got {_TEMPERATURE.value}")
+    raise app.UsageError(f"--temperature must be >= 0 and finite, got {_TEMPERATURE.value}")
   if not 0.0 < _TOP_P.value <= 1.0:
     raise app.UsageError(f"--top_p must be in (0, 1], got {_TOP_P.value}")
   if _TOP_K.value < 0:
