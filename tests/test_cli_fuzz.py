@@ -516,3 +516,29 @@ def test_internal_errors_keep_their_traceback(capfd):
 def errno_eio() -> int:
   import errno
   return errno.EIO
+
+
+# ----------------------------------------------------------------------------
+# Known gaps in modules this boundary does not own: strict xfails, so a fix turns them red
+# (then drop the marker) and they cannot pass silently meanwhile.
+# ----------------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, raises=Exception, reason="checkpoint.load_token_counts "
+                   "catches (OSError, ValueError, KeyError) only: a truncated token_counts.npz "
+                   "raises zipfile.BadZipFile, a traceback in decode.py")
+def test_truncated_token_counts_is_a_drafter_file_error(tmp_path):
+  from flexdraft_jax import checkpoint
+  _truncated_npz(tmp_path / checkpoint.TOKEN_COUNTS_FILE)
+  with pytest.raises(checkpoint.DrafterFileError, match="token_counts.npz"):
+    checkpoint.load_token_counts(tmp_path, 5000)
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason="DrafterConfig.validate compares "
+                   "fields without checking their types: drafter.json with block_size null "
+                   "raises TypeError, a traceback in decode.py")
+def test_drafter_json_with_a_null_field_is_a_user_error():
+  from flexdraft_jax import drafter
+  from flexdraft_jax.model_config import ModelConfig
+  cfg = ModelConfig(family="llama", vocab_size=10, hidden_size=8, intermediate_size=8,
+                    num_layers=4, num_heads=2, num_kv_heads=1, head_dim=4)
+  with pytest.raises(ValueError, match="block_size"):
+    drafter.DrafterConfig(num_draft_layers=2, block_size=None, calib_rank=4).validate(cfg)
