@@ -46,6 +46,7 @@ Params = Any
 
 
 CALIB_TARGETS = ("logits", "hidden")
+ALL_NODES = np.uint32(0xFFFFFFFF)  # Tokens.anc outside a token tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,27 +85,37 @@ class Tokens:
   Clean tokens have block = -1 and anchor = their own position. Mask slot j of
   a block anchored at clean position a has position a+1+j, anchor a and the
   block's id (>= 0). Segments separate packed sequences (decoding uses one).
+  In a token tree (`tree_tokens`), node i of the pass has node = i, and `anc`
+  holds the bits of the tree nodes a token may see: a node's ancestors and
+  itself, or, for slots, those of the node they are anchored at (all bits:
+  no tree, position alone decides).
   """
   pos: jax.Array
   anchor: jax.Array
   block: jax.Array
   seg: jax.Array
+  node: jax.Array  # -1 for tokens outside a tree
+  anc: jax.Array   # uint32
 
   @classmethod
-  def clean(cls, pos, seg=None):
+  def clean(cls, pos, seg=None, node=None, anc=None):
     seg = jnp.zeros_like(pos) if seg is None else seg
-    return cls(pos=pos, anchor=pos, block=jnp.full_like(pos, -1), seg=seg)
+    return cls(pos=pos, anchor=pos, block=jnp.full_like(pos, -1), seg=seg,
+               node=jnp.full_like(pos, -1) if node is None else node,
+               anc=jnp.full(pos.shape, ALL_NODES) if anc is None else anc)
 
   @classmethod
-  def slots(cls, anchor_BG, block_size: int, seg_BG=None):
-    """G blocks of `block_size` slots, block g anchored at anchor_BG[:, g] (ids 0..G-1)."""
+  def slots(cls, anchor_BG, block_size: int, seg_BG=None, anc_BG=None):
+    """G blocks of `block_size` slots, block g anchored at anchor_BG[:, g] (ids 0..G-1),
+    seeing the tree nodes anc_BG[:, g] (default: all)."""
     b, g = anchor_BG.shape
     j = jnp.arange(block_size, dtype=jnp.int32)
     rep = lambda a: jnp.repeat(a, block_size, axis=1)
     seg = jnp.zeros_like(anchor_BG) if seg_BG is None else seg_BG
+    anc = jnp.full(anchor_BG.shape, ALL_NODES) if anc_BG is None else anc_BG
     return cls(pos=rep(anchor_BG) + jnp.tile(j + 1, g)[None], anchor=rep(anchor_BG),
                block=jnp.broadcast_to(rep(jnp.arange(g, dtype=jnp.int32)[None]), (b, g * block_size)),
-               seg=rep(seg))
+               seg=rep(seg), node=jnp.full((b, g * block_size), -1, jnp.int32), anc=rep(anc))
 
   def concat(self, other: "Tokens") -> "Tokens":
     return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), self, other)
@@ -117,13 +128,27 @@ def visibility(q: Tokens, k: Tokens) -> jax.Array:
   - a clean key is seen by a query whose anchor is at or after it (for a
     clean query that is plain causal attention);
   - a slot key is seen only by the slots of its own block;
-  - so a clean query never sees a slot.
+  - so a clean query never sees a slot;
+  - a tree node key is seen only by queries whose `anc` holds its bit: its descendants,
+    itself and the slots anchored at those.
   """
   ex_q = lambda a: a[:, :, None]
   ex_k = lambda a: a[:, None, :]
   clean_key = ex_k(k.block) < 0
-  sees = jnp.where(clean_key, ex_k(k.pos) <= ex_q(q.anchor), ex_k(k.block) == ex_q(q.block))
+  bit = jnp.clip(k.node, 0, 31).astype(jnp.uint32)
+  lineage = ex_k((k.node < 0) | (k.node > 31)) | (((ex_q(q.anc) >> ex_k(bit)) & 1) == 1)
+  sees = jnp.where(clean_key, (ex_k(k.pos) <= ex_q(q.anchor)) & lineage,
+                   ex_k(k.block) == ex_q(q.block))
   return sees & (ex_q(q.seg) == ex_k(k.seg))
+
+
+def tree_tokens(lengths_B, depth_BT, anc_BT) -> Tokens:
+  """Clean tokens of a token tree after each row's cached ones: node i at position
+  n + depth_i, seeing its ancestors and itself (`speculation.Candidates`)."""
+  t = depth_BT.shape[1]
+  return Tokens.clean(lengths_B[:, None] + depth_BT,
+                      node=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], depth_BT.shape),
+                      anc=anc_BT)
 
 
 # ----------------------------------------------------------------------------
@@ -400,19 +425,22 @@ def calibration(params: Params, cfg: ModelConfig, h_BJD, bonus_BJ) -> jax.Array:
 # Decoding pass: clean tokens + groups of mask slots, one forward
 # ----------------------------------------------------------------------------
 def mixed_pass(params: Params, cfg: ModelConfig, dcfg: DrafterConfig, tokens_BT, anchors_BG,
-               cache: model_lib.KVCache):
-  """Clean tokens at each row's cache length, plus G blocks of mask slots.
+               cache: model_lib.KVCache, clean: Tokens | None = None, anchor_anc=None):
+  """Clean tokens at each row's cache length (or as `clean` describes them: a token tree,
+  `tree_tokens`), plus G blocks of mask slots.
 
   Block g is anchored at clean position anchors_BG[:, g] (a cached or current
-  clean token). Reads the cache; returns (clean logits [B,T,V] f32,
-  final-normed slot states [B,G,Bs,d], clean (k, v) [L,B,T,K,H]) for the
-  caller to write (`KVCache.append`): mask slots never enter the cache.
+  clean token; in a tree it sees the nodes anchor_anc[:, g]). Reads the cache;
+  returns (clean logits [B,T,V] f32, final-normed slot states [B,G,Bs,d], clean
+  (k, v) [L,B,T,K,H]) for the caller to write (`KVCache.append`): mask slots
+  never enter the cache.
   """
   target, draft = params["target"], params["draft"]
   b, t = tokens_BT.shape
   g = anchors_BG.shape[1]
-  clean = Tokens.clean(model_lib.next_positions(cache, t))
-  slots = Tokens.slots(anchors_BG, dcfg.block_size)
+  if clean is None:
+    clean = Tokens.clean(model_lib.next_positions(cache, t))
+  slots = Tokens.slots(anchors_BG, dcfg.block_size, anc_BG=anchor_anc)
   every = clean.concat(slots)
   x, (k0, v0) = model_lib.run_layers(cfg, target["layers"], model_lib.embed(target, cfg, tokens_BT),
                                      clean.pos, visibility(clean, clean), cache, 0, dcfg.split(cfg))

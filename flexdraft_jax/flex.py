@@ -55,11 +55,12 @@ from flexdraft_jax.model_config import ModelConfig
 from flexdraft_jax.planner import AR, KINDS, PARALLEL, PLD, SEQUENTIAL
 from flexdraft_jax.flex_config import (  # re-exported: flex.FlexConfig, ...
     DRAFTED, FLEX_BATCH_THRESHOLD, MODES, PARALLEL_PASSES, STRATEGIES, VERIFY_BUCKETS,
-    FlexConfig, branches, compiled_kinds, parallel_pass, table_for_mode, verify_buckets)
+    FlexConfig, branches, compiled_kinds, parallel_pass, table_for_mode, tree_shape,
+    verify_buckets)
 from flexdraft_jax.flex_stats import FlexStats, record_step
 from flexdraft_jax.sampling import sample
-from flexdraft_jax.speculation import (Candidates, behind, candidates, leading, lookup_drafts,
-                                       verify)
+from flexdraft_jax.speculation import (ALL, Candidates, behind, candidates, chain, leading,
+                                       lookup_drafts, pad, reach, verify)
 
 
 @flax.struct.dataclass
@@ -94,6 +95,7 @@ class _Loop:
     self.on_commit = on_commit
     self.prompt, self.lens, self.stops, self.broken = prompt_BP, prompt_lens_B, stop_ids_BS, broken
     self.bs, self.sampling, self.b = dcfg.block_size, fcfg.sampling, prompt_BP.shape[0]
+    self.nodes, self.branch = tree_shape(fcfg, self.bs)
     self.kinds = kinds
     # The kinds whose drafts come from a second pass, after the verify pass and its append.
     self.second = (SEQUENTIAL,) + ((PARALLEL,) if parallel_pass(fcfg) == "split" else ())
@@ -126,18 +128,22 @@ class _Loop:
   def _slot_logits(self, h, bonus=None):
     return drafter.slot_logits(self.params, self.cfg, h, bonus)
 
-  def _candidates(self, key, logits, kind, **kw):
-    """`candidates` from slot logits (over the draft vocabulary, where there is one)."""
+  def _candidates(self, key, logits, kind, bonus=None, **kw):
+    """`candidates` from slot logits (over the draft vocabulary, where there is one): a tree
+    of at most `self.nodes` nodes (`tree_shape`), padded to the block size."""
     vocab = self.params["draft"].get("vocab")
-    return candidates(key, logits, self.sampling, planner.SOURCE_OF[kind],
-                      vocab_ids=None if vocab is None else vocab["ids"],
-                      vocab=self.cfg.vocab_size, **kw)
+    c = candidates(key, logits, self.sampling, planner.SOURCE_OF[kind], bonus=bonus,
+                   vocab_ids=None if vocab is None else vocab["ids"], vocab=self.cfg.vocab_size,
+                   nodes=min(self.nodes - (bonus is not None), logits.shape[1] * self.branch),
+                   branch=self.branch, **kw)
+    return pad(c, self.bs)
 
-  def _target_pass(self, tokens_BT, cache):
-    t = tokens_BT.shape[1]
-    return model_lib.clean_pass(self.params["target"], self.cfg, tokens_BT,
-                                model_lib.next_positions(cache, t),
-                                jnp.broadcast_to(model_lib.causal_mask(t), (self.b, t, t)), cache)
+  def _target_pass(self, c: Candidates, width, cache):
+    """All layers over the first `width` nodes of c as clean tokens (each at position n +
+    depth, seeing the cache and its ancestors): (logits [B,w,V], (k, v))."""
+    clean = drafter.tree_tokens(cache.lengths, c.depth[:, :width], c.anc[:, :width])
+    return model_lib.clean_pass(self.params["target"], self.cfg, c.drafts[:, :width], clean.pos,
+                                drafter.visibility(clean, clean), cache)
 
   def looked_up(self, tokens, num_new, bonus, last_logits):
     """Lookup candidates from the prompt + tokens[:num_new] ([bonus] + lookups behind it)."""
@@ -149,27 +155,38 @@ class _Loop:
                         jnp.pad(self.prompt, ((0, 0), (0, tokens.shape[1]))), gen)
     drafts, conf = lookup_drafts(history, self.lens + num_new, self.bs - (bonus is not None))
     z = jnp.zeros((self.b,), jnp.int32)
-    c = behind(Candidates(last_logits=last_logits, drafts=drafts, conf=conf, q=None, certain=z,
-                           source=z + planner.LOOKUP), bonus)
+    c = behind(chain(drafts, conf, last_logits=last_logits, q=None, certain=z,
+                     source=z + planner.LOOKUP), bonus)
     q = None if self.sampling.greedy else jax.nn.one_hot(c.drafts, last_logits.shape[-1],
                                                          dtype=jnp.float32)
     return c.replace(q=q)
 
-  def _judge(self, c: Candidates, logits_BKV, width, key):
-    """verify() of drafts[:, :width] with L_0 = last_logits and L_i = logits_BKV[:, i-1]."""
-    return verify(key, jnp.concatenate([c.last_logits[:, None], logits_BKV], axis=1),
-                  c.drafts[:, :width], None if c.q is None else c.q[:, :width], self.sampling,
-                  self.broken)
+  def _judge(self, c: Candidates, logits_BKV, kv, width, key):
+    """verify() of the first `width` nodes, L_0 = last_logits and L_i = logits_BKV[:, i-1]:
+    (acc, bonus, path [B, Bs], the accepted path's (k, v) in depth order, padded to Bs)."""
+    acc, bonus, path = verify(key, jnp.concatenate([c.last_logits[:, None], logits_BKV], axis=1),
+                              c, width, self.sampling, self.broken)
+    if self.branch > 1:  # only the accepted path's keys and values, at contiguous positions
+      kv = jax.tree.map(lambda a: jnp.take_along_axis(a, path[None, :, :, None, None], axis=2), kv)
+    return acc, bonus, jnp.pad(path, ((0, 0), (0, self.bs - width))), _padded(kv, width, self.bs)
 
   def _parallel(self, c: Candidates, cache, keys, width):
-    """Verify + draft in one pass; the new drafts are [b] + group acc's calibrated slots."""
-    anchors = cache.lengths[:, None] - 1 + jnp.arange(width + 1, dtype=jnp.int32)[None]
+    """Verify + draft in one pass: group 0 of slots anchored at the last cached token, group
+    i+1 at node i; the new drafts are [b] + the calibrated slots of the group anchored at
+    the last accepted node."""
+    depth, anc = c.depth[:, :width], c.anc[:, :width]
+    anchors = jnp.concatenate([cache.lengths[:, None] - 1, cache.lengths[:, None] + depth], axis=1)
+    anchor_anc = jnp.concatenate([jnp.full((self.b, 1), ALL), anc], axis=1)
     logits, h, kv = drafter.mixed_pass(self.params, self.cfg, self.dcfg, c.drafts[:, :width],
-                                       anchors, cache)
-    acc, bonus = self._judge(c, logits, width, keys[0])
-    h_acc = jnp.take_along_axis(h, acc[:, None, None, None], axis=1)[:, 0]  # [B, Bs, d]
+                                       anchors, cache,
+                                       clean=drafter.tree_tokens(cache.lengths, depth, anc),
+                                       anchor_anc=anchor_anc)
+    acc, bonus, path, kv = self._judge(c, logits, kv, width, keys[0])
+    group = jnp.where(acc > 0, jnp.take_along_axis(path, jnp.maximum(acc - 1, 0)[:, None],
+                                                   axis=1)[:, 0] + 1, 0)
+    h_acc = jnp.take_along_axis(h, group[:, None, None, None], axis=1)[:, 0]  # [B, Bs, d]
     cand = self._parallel_candidates(h_acc, bonus, keys[1])
-    return acc, bonus, cand, _padded(kv, width, self.bs)
+    return acc, bonus, path, cand, kv
 
   def _parallel_candidates(self, h_BSD, bonus, key, kind=PARALLEL):
     """[b] + slots 1.. of a block's final-normed states [B, Bs, d], calibrated with b, the
@@ -181,9 +198,9 @@ class _Loop:
 
   def _verify_only(self, c: Candidates, cache, keys, width):
     """ar / pld / sequential pass 1: the target alone verifies; the next drafts come later."""
-    logits, kv = self._target_pass(c.drafts[:, :width], cache)
-    acc, bonus = self._judge(c, logits, width, keys[0])
-    return acc, bonus, c, _padded(kv, width, self.bs)
+    logits, kv = self._target_pass(c, width, cache)
+    acc, bonus, path, kv = self._judge(c, logits, kv, width, keys[0])
+    return acc, bonus, path, c, kv
 
   def _draft(self, cache, bonus, key):
     """Sequential pass 2: b as a clean token, one block anchored at it. The target's logits
@@ -218,13 +235,14 @@ class _Loop:
     """Index into `branches` of this step."""
     c, active = s.cand, ~s.done
     if self.costs is not None and len(self.branches) > 1:
-      return planner.best_step(self.costs, self.branches, c.conf, c.certain, c.source, active)
+      return planner.best_step(self.costs, self.branches, c, active)
     columns = sorted({col for _, _, col in self.branches})
     w = jnp.array([verify_buckets(self.bs)[col] for col in columns])
     if self.fcfg.verify_strategy == "full":
       v = jnp.full((self.b,), self.bs, jnp.int32)
     else:
-      p = c.conf if self.fcfg.verify_strategy == "min_confidence" else jnp.cumprod(c.conf, axis=1)
+      p = (c.conf if self.fcfg.verify_strategy == "min_confidence"
+           else reach(c.conf, c.anc, c.depth))  # the path's product (cumprod on a chain)
       v = leading(p >= self.fcfg.verify_threshold)
     column = jnp.array(columns)[jnp.argmax(w >= jnp.max(jnp.where(active, jnp.clip(v, 1, self.bs),
                                                                   1)))]
@@ -248,7 +266,7 @@ class _Loop:
                              else self._verify_only, width=w) for k, w, _ in self.branches]
     kind = jnp.array([k for k, _, _ in self.branches])[branch]
     width = jnp.array([w for _, w, _ in self.branches])[branch]
-    acc, bonus, cand, kv = lax.switch(branch, fns, s.cand, s.cache, (k_verify, k_draft))
+    acc, bonus, path, cand, kv = lax.switch(branch, fns, s.cand, s.cache, (k_verify, k_draft))
     cache = s.cache.append(kv, acc * on)
     if any(k in self.kinds for k in self.second):
       cand, kv = self._second_pass(kind, cand, cache, bonus, k_draft, kv)
@@ -257,7 +275,7 @@ class _Loop:
     # A sequential step also commits its draft pass's next token (now cand.drafts[:, 0]).
     free = (jnp.where(kind == SEQUENTIAL, cand.drafts[:, 0], -1) if SEQUENTIAL in self.kinds
             else jnp.full((self.b,), -1, jnp.int32))
-    tokens, count, drafted, stop = self.commit(s, acc, bonus, active, free)
+    tokens, count, drafted, stop = self.commit(s, acc, bonus, path, active, free)
     if self.on_commit is not None:
       jax.debug.callback(self.on_commit, tokens, count, jnp.minimum(count, drafted), ordered=True)
     out = s.tokens.at[jnp.arange(self.b)[:, None], s.num_new[:, None] + jnp.arange(self.bs + 2)[None]
@@ -271,19 +289,19 @@ class _Loop:
         cand = jax.tree.map(lambda a, b: jnp.where(kind <= PLD, a, b), looked, cand)
     column = jnp.array([col for _, _, col in self.branches])[branch]
     stats = record_step(s.stats, s.cand, self.costs, kind=kind, width=width, column=column,
-                        acc=acc, drafted=drafted, count=count, active=active)
+                        acc=acc, path=path, drafted=drafted, count=count, active=active)
     done = s.done | (active & stop) | (num_new >= self.fcfg.max_new_tokens)
     return FlexState(cache=cache, cand=cand, tokens=out, num_new=num_new, done=done, key=key,
                      stats=stats)
 
-  def commit(self, s: FlexState, acc, bonus, active, free):
-    """Committed tokens [B, Bs+2] (-1 padded): drafts[certain..acc-1], the bonus, then the
-    step's `free` token where it is >= 0 (sequential's), cut at a stop token and at
-    max_new_tokens; their count, how many were drafts, stopped."""
+  def commit(self, s: FlexState, acc, bonus, path, active, free):
+    """Committed tokens [B, Bs+2] (-1 padded): the accepted path's nodes path[certain..acc-1],
+    the bonus, then the step's `free` token where it is >= 0 (sequential's), cut at a stop
+    token and at max_new_tokens; their count, how many were drafts, stopped."""
     j = jnp.arange(self.bs + 2)[None]
     certain, drafted = s.cand.certain, acc - s.cand.certain
-    ext = jnp.concatenate([s.cand.drafts, s.cand.drafts[:, :1]], axis=1)
-    shifted = jnp.take_along_axis(ext, jnp.minimum(certain[:, None] + j, self.bs), axis=1)
+    nodes = jnp.take_along_axis(path, jnp.minimum(certain[:, None] + j, self.bs - 1), axis=1)
+    shifted = jnp.take_along_axis(s.cand.drafts, nodes, axis=1)
     tokens = jnp.where(j < drafted[:, None], shifted,
                        jnp.where(j == drafted[:, None], bonus[:, None], free[:, None]))
     made = drafted + 1 + (free >= 0)

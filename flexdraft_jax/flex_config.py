@@ -10,6 +10,7 @@ import numpy as np
 
 from flexdraft_jax import planner
 from flexdraft_jax import prefill as prefill_lib
+from flexdraft_jax import speculation
 from flexdraft_jax.planner import PARALLEL, SEQUENTIAL
 from flexdraft_jax.sampling import SamplingConfig
 
@@ -39,6 +40,11 @@ class FlexConfig:
   # CPU, where slot compute dominates a step; single elsewhere (`parallel_pass`). The
   # planner's self-measured cost tables (`cost_cache`) are timed with the default.
   parallel_pass: str = "auto"
+  # Token trees (ALGORITHM.md §4): the most nodes a step's drafts hold, root included. 0
+  # ('auto'): a tree as large as the block; 1: chains (node i after node i-1); N: at most N
+  # nodes, one of the verify widths. Nodes come best first, so the verify width (the
+  # planner's or the strategy's) picks how many of them a step verifies.
+  tree_nodes: int = 0
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -51,6 +57,9 @@ class FlexConfig:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.prefill_chunk < 1:
       raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+    if self.tree_nodes < 0 or self.tree_nodes > speculation.TREE_BITS:
+      raise ValueError(f"tree_nodes must be 0 (auto), 1 (chains) or a verify width up to "
+                       f"{speculation.TREE_BITS}, got {self.tree_nodes}")
     if self.parallel_pass not in PARALLEL_PASSES:
       raise ValueError(f"parallel_pass must be one of {PARALLEL_PASSES}, got "
                        f"{self.parallel_pass!r}")
@@ -64,6 +73,19 @@ def parallel_pass(fcfg: FlexConfig) -> str:
   if fcfg.parallel_pass != "auto":
     return fcfg.parallel_pass
   return "split" if jax.default_backend() == "cpu" else "single"
+
+
+def tree_shape(fcfg: FlexConfig, block_size: int) -> tuple[int, int]:
+  """(nodes, branch): the most nodes of a step's drafts (root included) and of children per
+  node (1: chains). ValueError where tree_nodes is not a verify width of this block size."""
+  if fcfg.tree_nodes == 1:
+    return block_size, 1
+  nodes = fcfg.tree_nodes or min(block_size, speculation.TREE_BITS)
+  if nodes not in verify_buckets(block_size):
+    raise ValueError(f"tree_nodes must be 0 (auto), 1 (chains) or one of the verify widths "
+                     f"{verify_buckets(block_size)} of block size {block_size}, got "
+                     f"{fcfg.tree_nodes}")
+  return nodes, min(speculation.MAX_BRANCH, nodes - 1) if nodes > 2 else 1
 
 
 def verify_buckets(block_size: int) -> tuple[int, ...]:

@@ -56,32 +56,42 @@ def summarize(stats: FlexStats) -> dict[str, Any]:
           "calibration_error": (float(s.predicted / s.observed - 1) if s.observed else None)}
 
 
-def record_step(st: FlexStats, c, costs, *, kind, width, column, acc, drafted, count,
+def record_step(st: FlexStats, c, costs, *, kind, width, column, acc, path, drafted, count,
                 active) -> FlexStats:
   """`st` after one step of `kind` at verify `width` (table column `column`) over
-  candidates `c` (`speculation.Candidates`): acc drafts accepted, `drafted` of them
-  committed, `count` tokens committed per row; with a cost table, the acceptance
-  model's expected accepts against the observed ones."""
+  candidates `c` (`speculation.Candidates`): acc nodes accepted along `path` [B, Bs],
+  `drafted` of them committed, `count` tokens committed per row; with a cost table, the
+  acceptance model's expected accepts against the observed ones."""
   on = active.astype(jnp.int32)
-  depth = jnp.arange(c.drafts.shape[1])[None]
-  verified = width - c.certain  # drafts after the bonus in this pass
-  # Draft j was judged when j < width and drafts < j passed (a certain draft is not judged).
-  judged = (depth < width) & (depth <= acc[:, None]) & ~((c.certain[:, None] == 1) & (depth == 0))
+  t = c.drafts.shape[1]
+  node = jnp.arange(t)[None]
+  first = node < width
+  on_path = jnp.any((path[:, :, None] == node[:, None, :])
+                    & (jnp.arange(t)[None, :, None] < acc[:, None, None]), axis=1)
+  parent_on = jnp.take_along_axis(on_path, jnp.maximum(c.parent, 0), axis=1)
+  # A node was judged when it was verified and its parent accepted (or it hangs off the
+  # cache); a certain root is not judged. Indexed by depth: the acceptance model's rows.
+  judged = first & ((c.parent == -1) | ((c.parent >= 0) & parent_on))
+  judged &= ~((c.certain[:, None] == 1) & (node == 0))
+  depth = jnp.minimum(c.depth, st.model_tried.shape[1] - 1)
   where = (c.source[:, None], depth, planner.confidence_bins(c.conf))
   add = lambda a, x: a.at[where].add(jnp.where(active[:, None], x, 0).astype(jnp.int32))
+  # drafts after the bonus whose depth this pass verified (k = 0: the first after it)
+  verified = jnp.max(jnp.where(first & (c.parent >= -1), c.depth + 1, 0), axis=1) - c.certain
+  k = jnp.arange(st.tried.shape[0])[None]
   predicted, observed = st.predicted, st.observed
   if costs is not None:
-    e = planner.own_expected_accepts(costs.acceptance, c.conf, c.certain, c.source, width)
+    e = planner.own_expected_accepts(costs.acceptance, c, width)
     predicted = predicted + jnp.sum(jnp.where(active, e, 0.0))
     observed = observed + jnp.sum(drafted * on)
   return st.replace(
       steps=st.steps + 1, row_steps=st.row_steps + on,
       forward_passes=st.forward_passes + jnp.where(kind == planner.SEQUENTIAL, 2, 1),
       committed=st.committed + count, accept_hist=st.accept_hist.at[drafted].add(on),
-      tried=st.tried + jnp.sum(on[:, None] * (depth < verified[:, None]), axis=0),
-      accepted=st.accepted + jnp.sum(on[:, None] * (depth < drafted[:, None]), axis=0),
+      tried=st.tried + jnp.sum(on[:, None] * (k < verified[:, None]), axis=0),
+      accepted=st.accepted + jnp.sum(on[:, None] * (k < drafted[:, None]), axis=0),
       modes=st.modes.at[kind].add(1),
       verify_hist=st.verify_hist.at[column].add(1),
       model_tried=add(st.model_tried, judged),
-      model_hit=add(st.model_hit, judged & (depth < acc[:, None])),
+      model_hit=add(st.model_hit, judged & on_path),
       predicted=predicted, observed=observed)

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexdraft_jax import speculation
+
 KINDS = ("ar", "pld", "parallel", "sequential")
 AR, PLD, PARALLEL, SEQUENTIAL = range(4)
 SOURCES = ("lookup", "parallel", "sequential")  # what made a row's current drafts
@@ -131,35 +133,46 @@ def confidence_bins(conf_BJ):
   return jnp.clip(jnp.floor(conf_BJ * NUM_BINS).astype(jnp.int32), 0, NUM_BINS - 1)
 
 
-def expected_tokens(acc: AcceptanceModel, conf_BJ, certain_B, source_B, kinds, width: int):
+def _own_alpha(acc: AcceptanceModel, c):
+  """[B, T] alpha of each node of candidates c by its own source's model (1 for a certain
+  root): the chance that it is accepted once its parent was."""
+  a = acc.alpha[c.source[:, None], jnp.minimum(c.depth, acc.alpha.shape[1] - 1),
+                confidence_bins(c.conf)]
+  a = jnp.where(c.parent < -1, 0.0, a)  # padding
+  return jnp.where((c.certain[:, None] == 1) & (jnp.arange(a.shape[1])[None] == 0), 1.0, a)
+
+
+def expected_tokens(acc: AcceptanceModel, c, kinds, width: int):
   """[len(kinds), B, width] E_k(w) for w = 1..width: tokens each row commits in a step
-  of kind k verifying w drafts (module docstring)."""
+  of kind k verifying the first w nodes of candidates c (module docstring). A node is
+  reached when it and its ancestors are accepted (`speculation.reach`; the cumulative
+  product on a chain). A kind that did not make the row's drafts is valued by its own
+  stationary chain curve."""
   j = jnp.arange(width)[None]
-  conf = conf_BJ[:, :width]
-  own = acc.alpha[source_B[:, None], j, confidence_bins(conf)]  # [B, width]
+  own = speculation.reach(_own_alpha(acc, c)[:, :width], c.anc[:, :width], c.depth[:, :width])
   out = []
   for k in kinds:
-    a = jnp.where((source_B == SOURCE_OF[k])[:, None], own, acc.alpha_bar[SOURCE_OF[k], :width][None])
-    a = jnp.where((certain_B[:, None] == 1) & (j == 0), 1.0, a)
-    out.append((1 - certain_B + FREE[k])[:, None] + jnp.cumsum(jnp.cumprod(a, axis=1), axis=1))
+    a = jnp.broadcast_to(acc.alpha_bar[SOURCE_OF[k], :width][None], own.shape)
+    a = jnp.where((c.certain[:, None] == 1) & (j == 0), 1.0, a)
+    r = jnp.where((c.source == SOURCE_OF[k])[:, None], own, jnp.cumprod(a, axis=1))
+    out.append((1 - c.certain + FREE[k])[:, None] + jnp.cumsum(r, axis=1))
   return jnp.stack(out)
 
 
-def own_expected_accepts(acc: AcceptanceModel, conf_BJ, certain_B, source_B, width):
-  """[B] E[accepted drafts after the certain one] of verifying `width` drafts, by the model
-  of their own source (the calibration error compares this with what was accepted)."""
-  j = jnp.arange(conf_BJ.shape[1])[None]
-  a = acc.alpha[source_B[:, None], j, confidence_bins(conf_BJ)]
-  a = jnp.where((certain_B[:, None] == 1) & (j == 0), 1.0, a)
-  reach = jnp.cumprod(a, axis=1) * (j < width)
-  return reach.sum(1) - certain_B
+def own_expected_accepts(acc: AcceptanceModel, c, width):
+  """[B] E[accepted drafts after the certain one] of verifying the first `width` nodes of
+  c, by the model of their own source (the calibration error compares this with what was
+  accepted)."""
+  r = speculation.reach(_own_alpha(acc, c), c.anc, c.depth)
+  return jnp.sum(r * (jnp.arange(r.shape[1])[None] < width), axis=1) - c.certain
 
 
-def best_step(table: CostTable, branches, conf_BJ, certain_B, source_B, active_B):
-  """Index into `branches` ((kind, width, column) triples) of the best tokens per ms."""
+def best_step(table: CostTable, branches, c, active_B):
+  """Index into `branches` ((kind, width, column) triples) of the best tokens per ms for
+  candidates c."""
   kinds = tuple(sorted({k for k, _, _ in branches}))
   width = max(w for _, w, _ in branches)
-  e = expected_tokens(table.acceptance, conf_BJ, certain_B, source_B, kinds, width)
+  e = expected_tokens(table.acceptance, c, kinds, width)
   gain = jnp.sum(jnp.where(active_B[None, :, None], e, 0.0), axis=1)  # [kinds, width]
   scores = jnp.stack([gain[kinds.index(k), w - 1] / table.step_ms[k, c] for k, w, c in branches])
   return jnp.argmax(scores)

@@ -131,13 +131,16 @@ def near_ties(cfg, target, prompts, want, got) -> int:
 # ----------------------------------------------------------------------------
 # 1. Greedy is lossless with a random drafter (tiny models, ragged, stops, M mid-block)
 # ----------------------------------------------------------------------------
-CASES = [("parallel", 1, "llama", "full"), ("sequential", 3, "llama", "min_confidence"),
-         ("flex", 8, "qwen3", "cumulative_product"), ("ar", 8, "qwen3", "full")]
+# (mode, batch, family, verify strategy, tree_nodes): token trees by default (0: a tree as
+# large as the block), chains (1) in two cases.
+CASES = [("parallel", 1, "llama", "full", 0), ("sequential", 3, "llama", "min_confidence", 0),
+         ("flex", 8, "qwen3", "cumulative_product", 0), ("ar", 8, "qwen3", "full", 0),
+         ("parallel", 3, "qwen3", "cumulative_product", 1), ("sequential", 8, "llama", "full", 1)]
 
 
-def case_config(mode, strategy):
+def case_config(mode, strategy, tree_nodes=0):
   return flex.FlexConfig(mode=mode, verify_strategy=strategy, verify_threshold=0.05,
-                         max_new_tokens=M)
+                         max_new_tokens=M, tree_nodes=tree_nodes)
 
 
 USED = {"ar": {"ar"}, "parallel": {"parallel"}, "sequential": {"sequential"},
@@ -165,10 +168,10 @@ def greedy_setup(tiny_model):
   return out
 
 
-@pytest.mark.parametrize("mode,batch,family,strategy", CASES)
-def test_greedy_lossless_random_drafter(greedy_setup, mode, batch, family, strategy):
+@pytest.mark.parametrize("mode,batch,family,strategy,tree_nodes", CASES)
+def test_greedy_lossless_random_drafter(greedy_setup, mode, batch, family, strategy, tree_nodes):
   cfg, params, prompts, ar, stops = greedy_setup[family]
-  fcfg = case_config(mode, strategy)
+  fcfg = case_config(mode, strategy, tree_nodes)
   got, summary = run_flex(cfg, params, prompts[:batch], fcfg, stops[:batch])
   want = [r[:r.index(s[0]) + 1] if s[0] in r else r for r, s in zip(ar, stops[:batch])]
   near_ties(cfg, params["target"], prompts[:batch], want, got)
@@ -179,6 +182,32 @@ def test_greedy_lossless_random_drafter(greedy_setup, mode, batch, family, strat
   if mode == "sequential":  # each step commits its bonus and its draft pass's next token,
     row_steps = summary["new_tokens"] / summary["tau"]  # but a row's last may be cut
     assert summary["new_tokens"] >= 2 * row_steps - batch, summary
+
+
+def test_tree_cache_equals_a_fresh_pass(greedy_setup):
+  """After tree steps, each row's cache holds exactly the committed tokens' keys and values
+  at contiguous positions (the accepted path compacted, nothing else written): it equals a
+  fresh pass over prompt + output. Trees accept more per step than chains here."""
+  cfg, params, prompts, _, _ = greedy_setup["llama"]
+  prompts = prompts[:3]
+  prompt_BP, lens = generate_lib.pad_prompts(prompts, BUCKET)
+  taus = {}
+  for nodes in (1, 0):
+    fcfg = case_config("parallel", "full", nodes)
+    cache = model_lib.KVCache.zeros(cfg, 3, capacity(BUCKET, fcfg))
+    tokens, num_new, st, cache = flex.flex_generate(
+        params, cache, prompt_BP, lens, generate_lib.stop_matrix([-1], 3), jax.random.key(0),
+        cfg=cfg, dcfg=DCFG, fcfg=fcfg)
+    taus[nodes] = flex_stats.summarize(st)["tau"]
+  for b, (prompt, n) in enumerate(zip(prompts, np.asarray(cache.lengths))):
+    seq = prompt + np.asarray(tokens)[b, :int(num_new[b])].tolist()
+    assert len(prompt) < n <= len(seq)
+    fresh = model_lib.KVCache.zeros(cfg, 1, n)
+    _, fresh = model_lib.forward(params["target"], cfg, jnp.asarray([seq[:n]]), cache=fresh)
+    for got, want in ((cache.k, fresh.k), (cache.v, fresh.v)):
+      np.testing.assert_allclose(np.asarray(got)[:, b, :, :n], np.asarray(want)[:, 0, :, :n],
+                                 atol=1e-4, rtol=1e-4)
+  assert taus[0] > taus[1], taus
 
 
 def test_hidden_state_calibration_is_lossless(greedy_setup, tiny_model):
@@ -446,16 +475,16 @@ def exact_law(cfg, target, sampling, k=3):
   return joint
 
 
-def sample_counts(cfg, params, fcfg, costs=None, broken=False, k=3):
+def sample_counts(cfg, params, fcfg, costs=None, broken=False, k=3, dcfg=SAMPLE_DCFG):
   """First k tokens of SAMPLE_CALLS x SAMPLE_ROWS rows, counted [V]*k, and FlexStats.
 
   Calls are vmapped: a large real batch compiles one cache write per row, slowly.
   """
   prompt_BP, lens = generate_lib.pad_prompts([SAMPLE_PROMPT] * SAMPLE_ROWS, 8)
   stops = generate_lib.stop_matrix([-1], SAMPLE_ROWS)
-  cache = model_lib.KVCache.zeros(cfg, SAMPLE_ROWS, capacity(8, fcfg, SAMPLE_DCFG))
+  cache = model_lib.KVCache.zeros(cfg, SAMPLE_ROWS, capacity(8, fcfg, dcfg))
   caches = jax.tree.map(lambda a: jnp.broadcast_to(a, (SAMPLE_CALLS,) + a.shape), cache)
-  many = _vmapped(cfg, fcfg, broken)
+  many = _vmapped(cfg, fcfg, broken, dcfg)
   tokens, num_new, st, _ = many(params, caches, prompt_BP, lens, stops,
                                 jax.random.split(jax.random.key(0), SAMPLE_CALLS), costs)
   assert (np.asarray(num_new) == k).all()
@@ -465,9 +494,9 @@ def sample_counts(cfg, params, fcfg, costs=None, broken=False, k=3):
 
 
 @functools.cache
-def _vmapped(cfg, fcfg, broken):
+def _vmapped(cfg, fcfg, broken, dcfg):
   kinds = None if fcfg.mode != "flex" else tuple(range(len(planner.KINDS)))
-  call = functools.partial(flex.flex_generate, cfg=cfg, dcfg=SAMPLE_DCFG, fcfg=fcfg, kinds=kinds,
+  call = functools.partial(flex.flex_generate, cfg=cfg, dcfg=dcfg, fcfg=fcfg, kinds=kinds,
                            _broken=broken)
   return jax.jit(jax.vmap(call, in_axes=(None, 0, None, None, None, 0, None)))
 
@@ -518,6 +547,25 @@ def test_speculative_sampling_law_top_p(small):
                          sampling=sampling)
   counts, _ = sample_counts(cfg, params, fcfg)
   assert min(pair_pvalues(counts, exact_law(cfg, target, sampling))) > 1e-4
+
+
+TREE_DCFG = drafter.DrafterConfig(num_draft_layers=1, block_size=4, calib_rank=8)
+
+
+def test_speculative_sampling_law_trees(small):
+  """Token trees (4 nodes, 3 children a node, tokens drawn afresh per node, so siblings
+  repeat tokens), verified by multi-draft speculative sampling, parallel and sequential
+  steps mixed by the table: the first 3 tokens follow the exact law. (The statistic's
+  power against a skipped sibling residual: test_trees.)"""
+  cfg, target, _ = small
+  params = decoding(target, noisy_drafter(SMALL, TREE_DCFG, target, seed=4, noise=1.0))
+  fcfg = flex.FlexConfig(mode="flex", verify_strategy="expected_throughput", max_new_tokens=3,
+                         sampling=T1)
+  costs = table(4, ar=0.8, pld=1.3, parallel=1.0, sequential=1.7)
+  counts, st = sample_counts(cfg, params, fcfg, costs, dcfg=TREE_DCFG)
+  assert min(pair_pvalues(counts, exact_law(cfg, target, T1))) > 1e-4
+  assert st.modes[planner.PARALLEL] and st.modes[planner.SEQUENTIAL], st.modes
+  assert st.verify_hist[-1] > 0, st.verify_hist  # whole 4-node trees were verified
 
 
 def test_sampling_statistic_rejects_a_broken_acceptor(small):

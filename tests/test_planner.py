@@ -14,6 +14,7 @@ from flexdraft_jax import drafter
 from flexdraft_jax import flex
 from flexdraft_jax import model as model_lib
 from flexdraft_jax import planner
+from flexdraft_jax import speculation
 
 
 BS = 4
@@ -42,8 +43,9 @@ def test_expected_tokens_follow_the_formula():
   conf = np.ones((2, BS), np.float32)
   certain = np.array([1, 0], np.int32)
   source = np.array([planner.SOURCE_OF[planner.PARALLEL]] * 2, np.int32)
-  e = np.asarray(planner.expected_tokens(acc, conf, certain, source,
-                                         (planner.PARALLEL, planner.SEQUENTIAL), BS))
+  c = speculation.chain(np.zeros((2, BS), np.int32), conf, last_logits=None, q=None,
+                        certain=certain, source=source)
+  e = np.asarray(planner.expected_tokens(acc, c, (planner.PARALLEL, planner.SEQUENTIAL), BS))
   # Own source (parallel): certain row: 1 + .5 + .25 + .125; uncertain: 1 + .5 + .25 + ...
   np.testing.assert_allclose(e[0, 0], [1, 1.5, 1.75, 1.875])
   np.testing.assert_allclose(e[0, 1], [1.5, 1.75, 1.875, 1.9375])
