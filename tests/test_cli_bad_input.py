@@ -1,4 +1,4 @@
-"""Bad config fields and flags: a one-line error that names them, exit 2 or 1, no traceback.
+"""Bad config fields and flags: a one-line error that names them, exit 2, no traceback.
 
 Every field is checked in process (`train_config.validate`, `engine.check_prefill_chunk`,
 `prefill.check_chunk`); a few representative cases go through train.py and decode.py
@@ -166,7 +166,7 @@ def _run(script, *args):
 def _assert_one_line_error(r, message):
   log = re.compile(r"^[IWE]\d{4} ")  # absl's log lines (decode.py logs "loading ...")
   lines = [line for line in r.stderr.splitlines() if line.strip() and not log.match(line)]
-  assert r.returncode in (1, 2), r.stderr[-2000:]
+  assert r.returncode == 2, r.stderr[-2000:]  # cli.EXIT_USER, whenever the error is found
   assert "Traceback" not in r.stderr, r.stderr[-2000:]
   assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
 

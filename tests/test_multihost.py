@@ -175,10 +175,10 @@ def test_multihost_without_a_cluster_or_coordinator_is_a_clear_error(tmp_path):
   base = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT}/configs/tiny.py",
           f"--workdir={tmp_path}"]
   bad = subprocess.run(base + ["--multihost"], capture_output=True, text=True, timeout=120, env=env)
-  assert bad.returncode == 1
+  assert bad.returncode == 2  # a usage error (cli.EXIT_USER)
   assert "train.py: error: --multihost: coordinator_address should be defined" in bad.stderr
   assert "Traceback" not in bad.stderr
   bad = subprocess.run(base + ["--num_processes=2"], capture_output=True, text=True, timeout=120,
                        env=env)
-  assert bad.returncode == 1 and "need --multihost" in bad.stderr
+  assert bad.returncode == 2 and "need --multihost" in bad.stderr
   assert "Traceback" not in bad.stderr
