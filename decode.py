@@ -66,6 +66,11 @@ _STRATEGY = flags.DEFINE_enum("verify_strategy", "cumulative_product",
                               ["min_confidence", "cumulative_product", "expected_throughput",
                                "full"],
                               "How many drafts to verify per step.")
+_TREE_NODES = flags.DEFINE_string(
+    "tree_nodes", "auto", "Token trees: the most draft tokens a step verifies, root included. "
+    "'auto' = a tree as large as the drafter's block, whose first nodes (the most probable "
+    "paths) the planner or --verify_strategy chooses; 1 = chains; N = at most N nodes (a "
+    "verify width: 2, 4, 8, ... up to the block size). Not with --mode=ar.")
 _COSTS = flags.DEFINE_string(
     "costs", "auto", "The flex planner's cost table: 'auto' = measure each step kind on first "
     "use of a batch size on this machine and cache it (under $XDG_CACHE_HOME/flexdraft_jax); a "
@@ -186,8 +191,9 @@ def _report(engine, mode: str, batch: int, stats) -> None:
     err = "" if err is None else f" | acceptance model: expected/observed accepted - 1 = {err:+.2f}"
     vocab = (f"{engine.draft_vocab} most frequent tokens" if engine.draft_vocab
              else "all tokens")
-    print(f"[planner: steps by kind: {kinds} | tau {stats.tau:.2f}{err} | drafts from "
-          f"{vocab}]", file=sys.stderr)
+    widths = " ".join(f"{w}:{n}" for w, n in sorted(stats.widths.items()))
+    print(f"[planner: steps by kind: {kinds} | nodes verified per step (width:steps) {widths} "
+          f"| tau {stats.tau:.2f}{err} | drafts from {vocab}]", file=sys.stderr)
   if _STATS.value:
     print(f"[steps {stats.steps} | modes {stats.modes} | acceptance by depth "
           f"{stats.acceptance_by_depth}]", file=sys.stderr)
@@ -222,8 +228,14 @@ def main(argv):
     raise app.UsageError(f"--block_size={_BLOCK.value} but the drafter was trained with "
                          f"block_size={engine.dcfg.block_size}")
   mode = _MODE.value or ("flex" if engine.dcfg else "ar")
-  flex = flex_lib.FlexConfig(mode=mode, verify_strategy=_STRATEGY.value,
-                             verify_threshold=_THRESHOLD.value)
+  try:
+    flex = flex_lib.FlexConfig(mode=mode, verify_strategy=_STRATEGY.value,
+                               verify_threshold=_THRESHOLD.value,
+                               tree_nodes=flex_lib.parse_tree_nodes(_TREE_NODES.value))
+    if engine.dcfg is not None:
+      flex_lib.tree_shape(flex, engine.dcfg.block_size)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   printer = engine_lib.StreamPrinter(engine.tokenizer) if _STREAM.value else None
   # Streaming shows row 0 of each batch; at batch 1 that is every prompt, in turn.
   chunks = ([[p] for p in prompts] if printer and batch == 1 else [prompts])

@@ -131,8 +131,12 @@ def identity(key: dict[str, Any]) -> dict[str, Any]:
 
 
 def drafter_digest(drafter_dir) -> str:
+  """The digest of a drafter's weights: its export's file, or all of a release's shards."""
   from flexdraft_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  return file_digest(pathlib.Path(drafter_dir) / checkpoint.WEIGHTS_FILE)
+  files = checkpoint.drafter_weight_files(drafter_dir)
+  if len(files) == 1:
+    return file_digest(files[0])
+  return hashlib.sha256(" ".join(file_digest(f) for f in files).encode()).hexdigest()[:16]
 
 
 def _matmul_path() -> str:
@@ -269,12 +273,14 @@ def table_for(params, cfg, dcfg, batch: int, key: dict[str, Any],
 def measure_acceptance(params, cfg, dcfg, prompt_ids: list[list[int]], *, batch: int = 4,
                        max_new_tokens: int = 64, stop_ids=(-1,), bucket: int = 64,
                        log=None) -> dict[str, np.ndarray]:
-  """Counts {tried, hit} [3, Bs, NUM_BINS] for `planner.AcceptanceModel.fit`: the prompts
-  decoded greedily in pld, parallel and sequential mode, verifying full blocks, so that
-  every depth is judged whenever the drafts before it passed."""
+  """Counts {tried, hit} [3, Bs, NUM_BINS] and {depth_tried, depth_hit} [3, Bs] for
+  `planner.AcceptanceModel.fit`: the prompts decoded greedily in pld, parallel and
+  sequential mode, verifying whole trees (FlexConfig's default, as decoding does), so that
+  every node is judged whenever its parent passed."""
   bs = dcfg.block_size
   tried = np.zeros((3, bs, planner.NUM_BINS), np.int64)
   hit = np.zeros_like(tried)
+  d_tried, d_hit = np.zeros((3, bs), np.int64), np.zeros((3, bs), np.int64)
   groups = [prompt_ids[i:i + batch] for i in range(0, len(prompt_ids), batch)]
   for mode in ("pld", "parallel", "sequential"):
     fcfg = flex_lib.FlexConfig(mode=mode, verify_strategy="full", max_new_tokens=max_new_tokens)
@@ -292,10 +298,12 @@ def measure_acceptance(params, cfg, dcfg, prompt_ids: list[list[int]], *, batch:
       st = jax.device_get(out[2])
       tried += st.model_tried
       hit += st.model_hit
+      d_tried += st.depth_tried
+      d_hit += st.depth_hit
       if log:
         log(f"acceptance: {mode} group {gi + 1}/{len(groups)}: tau "
             f"{flex_stats.summarize(st)['tau']:.2f}")
-  return {"tried": tried, "hit": hit}
+  return {"tried": tried, "hit": hit, "depth_tried": d_tried, "depth_hit": d_hit}
 
 
 def save_acceptance(path, counts: dict[str, np.ndarray], header: dict[str, Any]) -> None:

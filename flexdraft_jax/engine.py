@@ -46,6 +46,7 @@ class Stats:
   predicted: float = 0.0   # accepted drafts the cost table's acceptance model expected
   observed: int = 0        # ... and accepted (flex steps planned with a table)
   acceptance_by_depth: list = dataclasses.field(default_factory=list)
+  widths: dict = dataclasses.field(default_factory=dict)  # verify width (nodes) -> steps
   _tried: np.ndarray | None = None
   _accepted: np.ndarray | None = None
 
@@ -73,6 +74,9 @@ class Stats:
       self.modes[kind] += int(n)
     self.predicted += float(fs.predicted)
     self.observed += int(fs.observed)
+    for w, n in zip(flex_lib.verify_buckets(len(fs.tried)), fs.verify_hist):
+      if n:
+        self.widths[w] = self.widths.get(w, 0) + int(n)
     self._tried = fs.tried if self._tried is None else self._tried + fs.tried
     self._accepted = fs.accepted if self._accepted is None else self._accepted + fs.accepted
     self.acceptance_by_depth = (self._accepted / np.maximum(self._tried, 1)).round(3).tolist()

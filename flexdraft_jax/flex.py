@@ -55,8 +55,8 @@ from flexdraft_jax.model_config import ModelConfig
 from flexdraft_jax.planner import AR, KINDS, PARALLEL, PLD, SEQUENTIAL
 from flexdraft_jax.flex_config import (  # re-exported: flex.FlexConfig, ...
     DRAFTED, FLEX_BATCH_THRESHOLD, MODES, PARALLEL_PASSES, STRATEGIES, VERIFY_BUCKETS,
-    FlexConfig, branches, compiled_kinds, parallel_pass, table_for_mode, tree_shape,
-    verify_buckets)
+    FlexConfig, branches, compiled_kinds, parallel_pass, parse_tree_nodes, table_for_mode,
+    tree_shape, verify_buckets)
 from flexdraft_jax.flex_stats import FlexStats, record_step
 from flexdraft_jax.sampling import sample
 from flexdraft_jax.speculation import (ALL, Candidates, behind, candidates, chain, leading,
@@ -239,12 +239,12 @@ class _Loop:
     columns = sorted({col for _, _, col in self.branches})
     w = jnp.array([verify_buckets(self.bs)[col] for col in columns])
     if self.fcfg.verify_strategy == "full":
-      v = jnp.full((self.b,), self.bs, jnp.int32)
+      v = jnp.full((self.b,), self.nodes, jnp.int32)
     else:
       p = (c.conf if self.fcfg.verify_strategy == "min_confidence"
            else reach(c.conf, c.anc, c.depth))  # the path's product (cumprod on a chain)
       v = leading(p >= self.fcfg.verify_threshold)
-    column = jnp.array(columns)[jnp.argmax(w >= jnp.max(jnp.where(active, jnp.clip(v, 1, self.bs),
+    column = jnp.array(columns)[jnp.argmax(w >= jnp.max(jnp.where(active, jnp.clip(v, 1, w[-1]),
                                                                   1)))]
     kinds = self.kinds
     if set(kinds) == {PARALLEL, SEQUENTIAL}:  # table-less flex

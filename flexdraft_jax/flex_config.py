@@ -60,6 +60,9 @@ class FlexConfig:
     if self.tree_nodes < 0 or self.tree_nodes > speculation.TREE_BITS:
       raise ValueError(f"tree_nodes must be 0 (auto), 1 (chains) or a verify width up to "
                        f"{speculation.TREE_BITS}, got {self.tree_nodes}")
+    if self.tree_nodes > 1 and self.mode in ("ar", "pld"):
+      raise ValueError(f"token trees (tree_nodes={self.tree_nodes}) need a drafter's mode "
+                       f"(parallel, sequential or flex), not {self.mode!r}")
     if self.parallel_pass not in PARALLEL_PASSES:
       raise ValueError(f"parallel_pass must be one of {PARALLEL_PASSES}, got "
                        f"{self.parallel_pass!r}")
@@ -73,6 +76,22 @@ def parallel_pass(fcfg: FlexConfig) -> str:
   if fcfg.parallel_pass != "auto":
     return fcfg.parallel_pass
   return "split" if jax.default_backend() == "cpu" else "single"
+
+
+def parse_tree_nodes(text: str) -> int:
+  """A --tree_nodes value: 'auto' -> 0 (FlexConfig's), or a positive node count (1: chains).
+  ValueError, in one line, otherwise."""
+  text = str(text).strip().lower()
+  if text == "auto":
+    return 0
+  try:
+    n = int(text)
+  except ValueError:
+    n = 0
+  if n < 1:
+    raise ValueError(f"--tree_nodes must be 'auto', 1 (chains) or a positive node count, "
+                     f"got {text!r}")
+  return n
 
 
 def tree_shape(fcfg: FlexConfig, block_size: int) -> tuple[int, int]:
@@ -127,6 +146,7 @@ def branches(fcfg: FlexConfig, block_size: int, kinds, only=None) -> list[tuple[
   (`only`: the one (kind, width))."""
   if only is not None:
     return [(only[0], only[1], verify_buckets(block_size).index(only[1]))]
-  widths = (block_size,) if fcfg.verify_strategy == "full" else verify_buckets(block_size)
+  nodes = tree_shape(fcfg, block_size)[0]  # a tree's node budget caps the verify width
+  widths = (nodes,) if fcfg.verify_strategy == "full" else verify_buckets(nodes)
   return [(k, w, verify_buckets(block_size).index(w)) for k in sorted(kinds)
           for w in planner.kind_widths(k, widths)]

@@ -27,6 +27,10 @@ class FlexStats:
   verify_hist: jax.Array     # [len(verify_buckets)] steps per verify width
   model_tried: jax.Array     # [3, Bs, NUM_BINS] drafts j verified after j-1 accepted, by source
   model_hit: jax.Array       # [3, Bs, NUM_BINS] ... and accepted (planner.AcceptanceModel.fit)
+  depth_tried: jax.Array     # [3, Bs] row-steps whose path reached depth j-1 (all, j = 0),
+                             #         by source (a certain root not counted)
+  depth_hit: jax.Array       # [3, Bs] ... and accepted a node at depth j: a kind's per-depth
+                             #         rate, a tree's siblings and coverage included
   predicted: jax.Array       # [] accepted drafts the table's acceptance model expected
   observed: jax.Array        # [] accepted drafts (both over active rows, table steps only)
 
@@ -37,7 +41,8 @@ class FlexStats:
     return cls(steps=z(), forward_passes=z(), row_steps=z(batch), committed=z(batch),
                accept_hist=z(block_size + 1), tried=z(block_size), accepted=z(block_size),
                modes=z(len(planner.KINDS)), verify_hist=z(num_widths),
-               model_tried=z(*nb), model_hit=z(*nb), predicted=jnp.float32(0), observed=z())
+               model_tried=z(*nb), model_hit=z(*nb), depth_tried=z(*nb[:2]),
+               depth_hit=z(*nb[:2]), predicted=jnp.float32(0), observed=z())
 
 
 def summarize(stats: FlexStats) -> dict[str, Any]:
@@ -79,6 +84,9 @@ def record_step(st: FlexStats, c, costs, *, kind, width, column, acc, path, draf
   # drafts after the bonus whose depth this pass verified (k = 0: the first after it)
   verified = jnp.max(jnp.where(first & (c.parent >= -1), c.depth + 1, 0), axis=1) - c.certain
   k = jnp.arange(st.tried.shape[0])[None]
+  counted = active[:, None] & ~((c.certain[:, None] == 1) & (k == 0))
+  by_depth = lambda x: jnp.zeros_like(st.depth_tried).at[c.source].add(
+      (counted & x).astype(jnp.int32))
   predicted, observed = st.predicted, st.observed
   if costs is not None:
     e = planner.own_expected_accepts(costs.acceptance, c, width)
@@ -94,4 +102,6 @@ def record_step(st: FlexStats, c, costs, *, kind, width, column, acc, path, draf
       verify_hist=st.verify_hist.at[column].add(1),
       model_tried=add(st.model_tried, judged),
       model_hit=add(st.model_hit, judged & on_path),
+      depth_tried=st.depth_tried + by_depth(k <= acc[:, None]),
+      depth_hit=st.depth_hit + by_depth(k < acc[:, None]),
       predicted=predicted, observed=observed)

@@ -74,16 +74,16 @@ class AcceptanceModel:
   alpha_bar: jax.Array  # [3, Bs]
 
   @classmethod
-  def fit(cls, tried, hit) -> "AcceptanceModel":
-    """From counts [3, Bs, NUM_BINS] of verified / accepted drafts (`FlexStats`)."""
+  def fit(cls, tried, hit, depth_tried=None, depth_hit=None) -> "AcceptanceModel":
+    """From counts [3, Bs, NUM_BINS] of judged / accepted draft nodes (`FlexStats`), and
+    [3, Bs] of steps whose path reached the depth before / accepted a node at this depth,
+    measured on whole trees (`cost_cache.measure_acceptance`): alpha_bar is then a kind's
+    per-depth rate in its steady state, a tree's siblings and its coverage of the depth
+    included. Without them (and on chains, where both agree), the node counts."""
     tried, hit = np.asarray(tried, np.float64), np.asarray(hit, np.float64)
-    bar = np.zeros(tried.shape[:2])
-    for s in range(tried.shape[0]):
-      prev = 0.5
-      for j in range(tried.shape[1]):  # an untried depth inherits the one before
-        n = tried[s, j].sum()
-        bar[s, j] = prev = (hit[s, j].sum() + PRIOR * prev) / (n + PRIOR)
-    alpha = (hit + PRIOR * bar[..., None]) / (tried + PRIOR)
+    node_bar = _depth_rates(tried.sum(2), hit.sum(2))  # the prior of a sparse bin
+    bar = node_bar if depth_tried is None else _depth_rates(depth_tried, depth_hit)
+    alpha = (hit + PRIOR * node_bar[..., None]) / (tried + PRIOR)
     for s, j in np.ndindex(*alpha.shape[:2]):
       alpha[s, j] = _isotonic(alpha[s, j], tried[s, j] + PRIOR)
     return cls(alpha=alpha.astype(np.float32), alpha_bar=bar.astype(np.float32))
@@ -101,6 +101,18 @@ class AcceptanceModel:
     a = np.asarray(self.alpha_bar[SOURCE_OF[kind], :w], np.float64).copy()
     a[0] = 1.0
     return float(np.cumprod(a).sum() + FREE[kind])
+
+
+def _depth_rates(tried_SJ, hit_SJ) -> np.ndarray:
+  """[3, Bs] hit / tried per source and depth, pulled towards the depth before (PRIOR
+  pseudo-counts; an untried depth inherits it, from 1/2 at depth 0)."""
+  tried, hit = np.asarray(tried_SJ, np.float64), np.asarray(hit_SJ, np.float64)
+  bar = np.zeros(tried.shape)
+  for s in range(tried.shape[0]):
+    prev = 0.5
+    for j in range(tried.shape[1]):
+      bar[s, j] = prev = (hit[s, j] + PRIOR * prev) / (tried[s, j] + PRIOR)
+  return bar
 
 
 def _isotonic(y, w):
@@ -240,7 +252,8 @@ def table_to_json(step_ms: dict[int, Any], acceptance: AcceptanceModel | dict[st
 
 def acceptance_from_json(acc: dict[str, Any]) -> AcceptanceModel:
   if "tried" in acc:
-    return AcceptanceModel.fit(acc["tried"], acc["hit"])
+    return AcceptanceModel.fit(acc["tried"], acc["hit"], acc.get("depth_tried"),
+                               acc.get("depth_hit"))
   return AcceptanceModel(alpha=np.asarray(acc["alpha"], np.float32),
                          alpha_bar=np.asarray(acc["alpha_bar"], np.float32))
 

@@ -145,24 +145,26 @@ def test_bench_speculative_modes(tmp_path, tiny_hf_folder, prompt_file, monkeypa
   _main(f"--model={tiny_hf_folder}", f"--prompts={prompt_file}", "--num_prompts=2",
         "--batch_sizes=1", "--max_new_tokens=8", "--compare_hf=false", "--repeats=1",
         "--random_drafter_layers=1", "--block_size=4",
-        "--verify_strategy=full", "--modes=parallel,pld,ar,sequential", f"--out_dir={tmp_path}")
+        "--verify_strategy=full", "--modes=parallel,parallel@1,pld,ar,sequential",
+        f"--out_dir={tmp_path}")
   result = json.loads((tmp_path / "bench.json").read_text())
   assert result["header"]["random_drafter"] is True
   assert result["header"]["drafter"] == str(tmp_path / "random_drafter")
   assert (tmp_path / "random_drafter").is_dir()
   rows = {r["mode"]: r for r in result["rows"]}
-  assert [r["mode"] for r in result["rows"]] == ["parallel", "pld", "ar", "sequential"]
-  for mode in ("parallel", "pld", "ar"):
+  assert [r["mode"] for r in result["rows"]] == ["parallel", "parallel@1", "pld", "ar", "sequential"]
+  assert rows["parallel"]["tree_nodes"] == 4 and rows["parallel@1"]["tree_nodes"] == 1  # chains
+  for mode in ("parallel", "parallel@1", "pld", "ar"):
     r = rows[mode]
     assert _ROW_KEYS <= r.keys() and r["lossless"] is True, mode
     assert r["new_tokens"] == 2 * 8 and r["tokens_per_s"] > 0
     assert r["speedup_vs_ar"] == pytest.approx(rows["ar"]["wall_s"] / r["wall_s"])
   assert rows["ar"]["speedup_vs_ar"] == pytest.approx(1.0)
   assert rows["ar"]["mean_verify_len"] is None and rows["ar"]["forward_passes"] == 2 * 8
-  for mode in ("parallel", "pld"):
+  for mode in ("parallel", "parallel@1", "pld"):
     r = rows[mode]
     assert r["tau"] >= 1.0 and r["mean_verify_len"] == 4  # 'full': every step verifies 4
-    assert r["mode_histogram"][mode] == r["steps"] and sum(r["mode_histogram"].values()) == r["steps"]
+    assert r["mode_histogram"][mode.split("@")[0]] == r["steps"] and sum(r["mode_histogram"].values()) == r["steps"]
     assert r["forward_passes"] == r["steps"] + 2  # one pass a step, plus a prefill per group
   seq = rows["sequential"]
   assert seq["lossless"] is False and _ROW_KEYS <= seq.keys()
@@ -211,6 +213,8 @@ def test_calibrate_then_flex_with_the_table(tmp_path, tiny_hf_folder, prompt_fil
 @pytest.mark.parametrize("argv, message", [
     (("--num_prompts=2", "--batch_sizes=1,4"), "smaller than the largest batch size 4"),
     (("--modes=ar,warp",), "unknown --modes"),
+    (("--modes=ar@4",), "token trees \\(@N\\) need one of parallel, sequential, flex"),
+    (("--modes=parallel@0",), "--tree_nodes must be 'auto', 1 \\(chains\\)"),
     (("--batch_sizes=1,x",), "comma list of integers"),
     (("--batch_sizes=0",), "positive integers"),
     (("--max_new_tokens=0",), "--max_new_tokens"),

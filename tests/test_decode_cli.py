@@ -49,6 +49,11 @@ def _decode(*args, timeout=300):
     (["--prompt=a", "--max_prompt_tokens=64"], "needs --prompts_file"),
     (["--prompts_file=mtbench", "--max_prompt_tokens=5"], "no prompt of mtbench has at most 5"),
     (["--prompt=a", "--costs=/no/such/costs.json"], "--costs=/no/such/costs.json does not exist"),
+    (["--prompt=a", "--tree_nodes=0"], "--tree_nodes must be 'auto', 1 (chains) or a positive"),
+    (["--prompt=a", "--tree_nodes=-3"], "--tree_nodes must be 'auto', 1 (chains) or a positive"),
+    (["--prompt=a", "--tree_nodes=12"], "one of the verify widths (1, 2, 4, 8, 16) of block size 16"),
+    (["--prompt=a", "--tree_nodes=64"], "tree_nodes must be 0 (auto), 1 (chains) or a verify width up to 32"),
+    (["--prompt=a", "--mode=ar", "--tree_nodes=8"], "token trees (tree_nodes=8) need a drafter's mode"),
 ])
 def test_bad_flags_are_usage_errors(args, reason):
   r = _decode(*args)
@@ -108,6 +113,7 @@ def test_drafter_flags(drafters):
               f"--drafter={drafters}/ok", "--mode=flex", "--stats")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Paris" in r.stdout and "[flex |" in r.stderr and "acceptance by depth" in r.stderr
+  assert "nodes verified per step (width:steps)" in r.stderr
   r = _decode("--prompt=a", f"--drafter={drafters}/ok", "--verify_strategy=expected_throughput")
   assert r.returncode != 0 and "needs a cost table" in r.stderr and "Traceback" not in r.stderr
 

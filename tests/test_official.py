@@ -384,3 +384,13 @@ def test_convert_cli_refuses_in_one_line(setup, tmp_path):
   last = done.stderr.strip().splitlines()[-1]
   assert last.startswith("python -m flexdraft_jax.checkpoint: error: ")
   assert "num_key_value_heads=4, this target has num_kv_heads=2" in last
+
+
+def test_a_release_has_a_digest_for_the_cost_cache(setup, tmp_path):
+  """Engine and the bench key their cost tables by the drafter's weights: a release folder
+  (one or several shards) has a digest too, and another release another one."""
+  from flexdraft_jax import cost_cache
+  target, release, _, folder, _ = setup
+  one = cost_cache.drafter_digest(folder)
+  sharded = write_release(tmp_path / "s", release, release_config(target), shards=2)
+  assert one and cost_cache.drafter_digest(sharded) not in ("", one)

@@ -199,3 +199,19 @@ def test_persistent_compilation_cache_hits_in_a_new_process(tmp_path):
                                                      "PATH": "/usr/bin:/bin"}).stdout.strip()
           for _ in range(2)]
   assert runs == ["compiled (cache miss)", "persistent cache hit"], runs
+
+
+def test_stationary_rate_of_a_tree_comes_from_depth_counts():
+  """A tree judges several siblings per depth: the node counts give each node's rate (1/4
+  here), the depth counts the rate at which some sibling passes (3/4), which is what a
+  step of that kind gains per depth."""
+  tried = np.zeros((3, BS, planner.NUM_BINS))
+  hit = np.zeros_like(tried)
+  tried[1, :, 5], hit[1, :, 5] = 300, 75
+  depth_tried, depth_hit = np.zeros((3, BS)), np.zeros((3, BS))
+  depth_tried[1], depth_hit[1] = 100, 75
+  nodes = planner.AcceptanceModel.fit(tried, hit)
+  depths = planner.AcceptanceModel.fit(tried, hit, depth_tried, depth_hit)
+  assert nodes.alpha_bar[1, 1] == pytest.approx(0.25, abs=0.01)
+  assert depths.alpha_bar[1, 1] == pytest.approx(0.75, abs=0.01)
+  np.testing.assert_allclose(nodes.alpha, depths.alpha)  # per-node rates: the same

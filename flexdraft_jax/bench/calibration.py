@@ -28,7 +28,7 @@ def calibrate(work: Workload, batch_sizes: Sequence[int]) -> tuple[dict[int, np.
       params, work.cfg, work.dcfg, work.prompt_ids, batch=min(batch_sizes),
       max_new_tokens=work.max_new_tokens, stop_ids=work.stop_ids, bucket=PROMPT_BUCKET,
       log=lambda m: logging.info("calibrate: %s", m))
-  model = planner.AcceptanceModel.fit(counts["tried"], counts["hit"])
+  model = planner.AcceptanceModel.fit(**counts)
   logging.info("calibrate: stationary acceptance by depth %s",
                {s: np.round(model.alpha_bar[i, :4], 3).tolist()
                 for i, s in enumerate(planner.SOURCES)})

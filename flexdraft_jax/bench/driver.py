@@ -38,7 +38,7 @@ from flexdraft_jax.model_config import ModelConfig
 def load_drafter(opts: Options, cfg: ModelConfig, params, out_dir: pathlib.Path):
   """(DrafterConfig, draft params, header fields): --drafter, or a random one exported
   to out_dir/random_drafter. Only pld/ar: no draft params, --block_size."""
-  if not opts.calibrate and not set(opts.modes) & set(runners.DRAFTED):
+  if not opts.calibrate and not {runners.split_mode(m)[0] for m in opts.modes} & set(runners.DRAFTED):
     return drafter_lib.DrafterConfig(num_draft_layers=1, block_size=opts.block_size), None, {
         "drafter": None}
   cfg_dict = dataclasses.asdict(cfg)
@@ -161,7 +161,7 @@ def time_modes(opts: Options, work: Workload, header: dict, out_dir: pathlib.Pat
     modes = list(dict.fromkeys(("ar",) + opts.modes))
     logging.info("batch %d, %d group(s): %s, timed in interleaved rounds", b, len(groups),
                  ", ".join(modes))
-    ours = runners.time_interleaved({m: runners.MODES[m](work, groups) for m in modes},
+    ours = runners.time_interleaved({m: runners.runner(m)(work, groups) for m in modes},
                                     work.repeats)
     hf = None
     if hf_ref is not None:

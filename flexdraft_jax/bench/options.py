@@ -29,7 +29,10 @@ _GROUP_BY_LENGTH = flags.DEFINE_bool(
     "batches (as Engine.generate groups them); default: batches of consecutive prompts.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per prompt (at most).")
 _MODES = flags.DEFINE_list("modes", ["ar"], "Decoding modes to time; known: ar, parallel, "
-                           "sequential, flex, pld (ar always runs, as the reference).")
+                           "sequential, flex, pld (ar always runs, as the reference). A drafted "
+                           "mode takes @N for token trees of at most N nodes (@1: chains; "
+                           "bare: auto, a tree as large as the block), e.g. "
+                           "parallel@1,parallel.")
 _DRAFTER = flags.DEFINE_string("drafter", None, "Exported drafter folder; default: a random one.")
 _RANDOM_LAYERS = flags.DEFINE_integer("random_drafter_layers", 4,
                                       "Draft layers K of the random drafter (no --drafter).")
@@ -115,7 +118,12 @@ def validate(opts: Options) -> None:
   """Raises app.UsageError for bad settings, before anything slow happens."""
   if not [m for m in opts.modes if m]:
     raise app.UsageError(f"--modes must name at least one mode of {', '.join(runners.MODES)}")
-  unknown = [m for m in opts.modes if m not in runners.MODES]
+  for m in opts.modes:
+    try:
+      runners.split_mode(m)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+  unknown = [m for m in opts.modes if runners.split_mode(m)[0] not in runners.MODES]
   if unknown:
     raise app.UsageError(f"unknown --modes {unknown or opts.modes}; known: {', '.join(runners.MODES)}")
   if not opts.batch_sizes or any(b < 1 for b in opts.batch_sizes):

@@ -70,10 +70,12 @@ def run_ar(work: Workload, groups: Groups) -> Generator:
   return result
 
 
-def run_flex(work: Workload, groups: Groups, *, mode: str) -> Generator:
-  """`flex.flex_generate` in `mode`, one executable per (batch, width); FlexStats summed."""
+def run_flex(work: Workload, groups: Groups, *, mode: str, tree_nodes: int = 0) -> Generator:
+  """`flex.flex_generate` in `mode` with `tree_nodes` (FlexConfig's), one executable per
+  (batch, width); FlexStats summed."""
   m, bs = work.max_new_tokens, work.dcfg.block_size
-  fcfg = flex_lib.FlexConfig(mode=mode, verify_strategy=work.verify_strategy, max_new_tokens=m)
+  fcfg = flex_lib.FlexConfig(mode=mode, verify_strategy=work.verify_strategy, max_new_tokens=m,
+                             tree_nodes=tree_nodes)
   params = {"target": work.params, "draft": work.draft}
   result, compiled, stats = ModeResult(groups=[]), {}, []
   costs = flex_lib.table_for_mode(fcfg, bs, work.cost_table(len(groups[0])))
@@ -116,6 +118,7 @@ def run_flex(work: Workload, groups: Groups, *, mode: str) -> Generator:
       mean_verify_len=(float(np.dot(hist, flex_lib.verify_buckets(bs)) / hist.sum())
                        if hist.sum() else None),
       mode_histogram=summary["modes"], cost_table=costs is not None,
+      tree_nodes=flex_lib.tree_shape(fcfg, bs)[0] if flex_lib.tree_shape(fcfg, bs)[1] > 1 else 1,
       compiled_kinds=[planner.KINDS[k] for k in kinds],
       # The acceptance model against what happened: accepted drafts expected / observed - 1.
       predicted_accepted=summary["predicted_accepted"],
@@ -157,3 +160,20 @@ def time_interleaved(runs: dict[str, Generator], repeats: int) -> dict[str, Mode
 MODES: dict[str, Runner] = {"ar": run_ar, **{
     m: functools.partial(run_flex, mode=m) for m in ("parallel", "sequential", "flex", "pld")}}
 DRAFTED = ("parallel", "sequential", "flex")  # the modes that need a drafter
+
+
+def split_mode(name: str) -> tuple[str, int]:
+  """'parallel@1' -> ('parallel', 1): a drafted mode with its --tree_nodes (1: chains, N:
+  at most N nodes, auto); a bare name -> (name, 0), auto. ValueError for a bad node count
+  or a tree on a mode without drafts."""
+  base, _, nodes = name.partition("@")
+  n = flex_lib.parse_tree_nodes(nodes) if nodes else 0
+  if nodes and base not in DRAFTED:
+    raise ValueError(f"mode {name!r}: token trees (@N) need one of {', '.join(DRAFTED)}")
+  return base, n
+
+
+def runner(name: str) -> Runner:
+  """The runner of a --modes entry (`split_mode`)."""
+  base, nodes = split_mode(name)
+  return functools.partial(MODES[base], tree_nodes=nodes) if nodes else MODES[base]
