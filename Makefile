@@ -36,7 +36,8 @@ TESTS_TINY := tests/test_prefill.py tests/test_prompts.py tests/test_tokenizer.p
   tests/test_training.py tests/test_train_job.py tests/test_weights_errors.py tests/test_weights_sharded.py \
   tests/test_kv_data.py tests/test_planner.py tests/test_cache_copies.py tests/test_checkpoint.py \
   tests/test_layer_seams.py tests/test_memory.py tests/test_pld.py tests/test_decode_sharding.py \
-  tests/test_multihost.py tests/test_draft_vocab.py tests/test_official.py
+  tests/test_multihost.py tests/test_draft_vocab.py tests/test_official.py tests/test_trees.py \
+  tests/test_cli_fuzz.py
 TINY_XLA_FLAGS := --xla_backend_optimization_level=0
 # Each process runs its files on TEST_WORKERS pytest-xdist workers (whole files per worker,
 # so module fixtures are built once). Measured 2026-12-03: the workers' test times summed to

@@ -29,6 +29,8 @@ import sys
 import threading
 import time
 import warnings
+import zipfile
+import zlib
 from typing import Any
 
 import grain
@@ -421,8 +423,8 @@ def load_token_counts(path_dir: str | os.PathLike, vocab_size: int) -> np.ndarra
   try:
     with np.load(path) as f:
       counts = np.asarray(f["counts"])
-  except (OSError, ValueError, KeyError) as e:
-    raise DrafterFileError(f"{path} is corrupt: {e}") from None
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise DrafterFileError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
   if counts.shape != (vocab_size,) or counts.min(initial=0) < 0:
     raise DrafterFileError(f"{path} holds counts of shape {counts.shape}; this target has "
                            f"{vocab_size} tokens")

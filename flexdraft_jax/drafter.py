@@ -60,6 +60,10 @@ class DrafterConfig:
     return cfg.num_layers - self.num_draft_layers
 
   def validate(self, cfg: ModelConfig) -> "DrafterConfig":
+    for name in ("num_draft_layers", "block_size", "calib_rank"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
     if not 1 <= self.num_draft_layers <= cfg.num_layers:
       raise ValueError(f"num_draft_layers (K) must be in [1, {cfg.num_layers}] for a target "
                        f"with {cfg.num_layers} layers, got {self.num_draft_layers}")

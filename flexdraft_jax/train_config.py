@@ -148,9 +148,12 @@ def _check_init_from(config, mode: str) -> None:
   path = _get(config, "init_from")
   if not isinstance(path, str):
     raise ConfigError(f"config.init_from must be an exported drafter folder or '', got {path!r}")
-  if path and mode == "train" and not (pathlib.Path(path) / "drafter.json").is_file():
+  folder = pathlib.Path(path)
+  if path and mode == "train" and not ((folder / "drafter.json").is_file()
+                                       or (folder / "config.json").is_file()):
     raise ConfigError(f"config.init_from={path!r} is not an exported drafter (no drafter.json "
-                      "in it; train.py writes one to <workdir>/drafter)")
+                      "in it; train.py writes one to <workdir>/drafter) nor the authors' "
+                      "release (config.json + safetensors)")
 
 
 def _check_offline(config) -> None:

@@ -571,12 +571,8 @@ def errno_eio() -> int:
 
 
 # ----------------------------------------------------------------------------
-# Known gaps in modules this boundary does not own: strict xfails, so a fix turns them red
-# (then drop the marker) and they cannot pass silently meanwhile.
+# Errors raised by the modules behind the boundary: one-line error types, not tracebacks.
 # ----------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, raises=Exception, reason="checkpoint.load_token_counts "
-                   "catches (OSError, ValueError, KeyError) only: a truncated token_counts.npz "
-                   "raises zipfile.BadZipFile, a traceback in decode.py")
 def test_truncated_token_counts_is_a_drafter_file_error(tmp_path):
   from flexdraft_jax import checkpoint
   _truncated_npz(tmp_path / checkpoint.TOKEN_COUNTS_FILE)
@@ -584,9 +580,6 @@ def test_truncated_token_counts_is_a_drafter_file_error(tmp_path):
     checkpoint.load_token_counts(tmp_path, 5000)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="DrafterConfig.validate compares "
-                   "fields without checking their types: drafter.json with block_size null "
-                   "raises TypeError, a traceback in decode.py")
 def test_drafter_json_with_a_null_field_is_a_user_error():
   from flexdraft_jax import drafter
   from flexdraft_jax.model_config import ModelConfig
