@@ -27,6 +27,7 @@ import numpy as np
 
 from flexdraft_jax import flex as flex_lib
 from flexdraft_jax import flex_stats
+from flexdraft_jax import flex_timing
 from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
 from flexdraft_jax import planner
@@ -175,7 +176,7 @@ def measure_step_ms(params, cfg, dcfg, batch: int, *, context: int = CONTEXT,
   """[len(KINDS), len(widths)] ms of one loop step per kind and verify width, inf where a
   kind has no step of that width, for `batch` rows at `context` cached tokens.
 
-  Each (kind, width) is its own small program (`flex.timed_step`), timed in rounds that
+  Each (kind, width) is its own small program (`flex_timing.timed_step`), timed in rounds that
   alternate it with the ar step, so that load drift cancels in its ratio to ar. With
   `acceptance`, a kind's widths are measured narrowest first and the rest are skipped
   (inf) once even the kind's widest steady state at this cost, tokens / ms, cannot beat
@@ -192,7 +193,7 @@ def measure_step_ms(params, cfg, dcfg, batch: int, *, context: int = CONTEXT,
   lens = np.full((batch,), context, np.int32)
   stops = generate_lib.stop_matrix([-1], batch)
   capacity = -(-(context + fcfg.max_new_tokens + 2 * bs) // 128) * 128
-  state = flex_lib.prefill_state(params, model_lib.KVCache.zeros(cfg, batch, capacity), prompt,
+  state = flex_timing.prefill_state(params, model_lib.KVCache.zeros(cfg, batch, capacity), prompt,
                                  lens, stops, jax.random.key(0), cfg=cfg, dcfg=dcfg, fcfg=fcfg,
                                  kinds=kinds)
   log = progress or (lambda m: None)
@@ -200,9 +201,9 @@ def measure_step_ms(params, cfg, dcfg, batch: int, *, context: int = CONTEXT,
   def call(kind, width):
     nonlocal state
     start = time.perf_counter()
-    state = jax.block_until_ready(flex_lib.timed_step(params, state, prompt, lens, stops, cfg=cfg,
-                                                      dcfg=dcfg, fcfg=fcfg, kind=kind,
-                                                      width=width))
+    state = jax.block_until_ready(flex_timing.timed_step(
+        params, state, prompt, lens, stops, cfg=cfg, dcfg=dcfg, fcfg=fcfg, kind=kind,
+        width=width))
     return time.perf_counter() - start
 
   call(planner.AR, 1)  # compiles

@@ -278,8 +278,8 @@ class _Loop:
     tokens, count, drafted, stop = self.commit(s, acc, bonus, path, active, free)
     if self.on_commit is not None:
       jax.debug.callback(self.on_commit, tokens, count, jnp.minimum(count, drafted), ordered=True)
-    out = s.tokens.at[jnp.arange(self.b)[:, None], s.num_new[:, None] + jnp.arange(self.bs + 2)[None]
-                      ].set(tokens)  # slots past num_new hold -1: the -1 tail changes nothing
+    at = s.num_new[:, None] + jnp.arange(self.bs + 2)[None]
+    out = s.tokens.at[jnp.arange(self.b)[:, None], at].set(tokens)  # a -1 tail changes nothing
     num_new = s.num_new + count
     if AR in self.kinds or PLD in self.kinds:
       looked = self.looked_up(out, num_new, bonus, cand.last_logits)
@@ -401,29 +401,3 @@ def compile_flex(params, cfg: ModelConfig, dcfg: drafter.DrafterConfig, batch: i
     return flex_generate.lower(params, cache, *args, **static).compile()
   return generate_lib.compile_on_mesh(lambda *a: flex_generate(*a, **static), params, cache, args,
                                       mesh, "on_commit" if on_commit is not None else None)
-
-
-# ----------------------------------------------------------------------------
-# Timing one step (the planner's cost table)
-# ----------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "fcfg", "kinds"),
-                   donate_argnames=("cache",))
-def prefill_state(params, cache, prompt_BP, prompt_lens_B, stop_ids_BS, key, *, cfg, dcfg, fcfg,
-                  kinds):
-  """The loop state after the prompt pass (what `timed_step` starts from)."""
-  loop = _Loop(params, cfg, dcfg, fcfg, kinds, None, prompt_BP, prompt_lens_B, stop_ids_BS)
-  return loop.prefill(cache, key)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "fcfg", "kind", "width"),
-                   donate_argnames=("state",))
-def timed_step(params, state: FlexState, prompt_BP, prompt_lens_B, stop_ids_BS, *, cfg, dcfg,
-               fcfg, kind: int, width: int):
-  """One loop step of `kind` at verify `width` (a program of that one branch), from `state`
-  rewound to the prompt (cache lengths, output): every call costs a step at that context."""
-  loop = _Loop(params, cfg, dcfg, fcfg, (kind,), None, prompt_BP, prompt_lens_B, stop_ids_BS,
-               only=(kind, width))
-  state = state.replace(cache=state.cache.replace(lengths=prompt_lens_B),
-                        num_new=jnp.zeros_like(state.num_new), done=jnp.zeros_like(state.done),
-                        tokens=jnp.full_like(state.tokens, -1))
-  return loop.step(state, jnp.int32(0))

@@ -96,7 +96,8 @@ def tree_order(logp_BJR, nodes: int):
     f_score = f_score.at[:, 1 + 2 * k].set(
         jnp.where(child, score + logp_BJR[rows, jnp.minimum(d + 1, j - 1), 0], -jnp.inf))
     f_score = f_score.at[:, 2 + 2 * k].set(
-        jnp.where(sib, score - logp_BJR[rows, d, rk] + logp_BJR[rows, d, jnp.minimum(rk + 1, r - 1)],
+        jnp.where(sib, score - logp_BJR[rows, d, rk]
+                  + logp_BJR[rows, d, jnp.minimum(rk + 1, r - 1)],
                   -jnp.inf))
     f_depth = f_depth.at[:, 1 + 2 * k].set(d + 1).at[:, 2 + 2 * k].set(d)
     f_rank = f_rank.at[:, 1 + 2 * k].set(0).at[:, 2 + 2 * k].set(rk + 1)

@@ -21,6 +21,7 @@ import numpy as np
 from flexdraft_jax import drafter
 from flexdraft_jax import engine as engine_lib
 from flexdraft_jax import flex as flex_lib
+from flexdraft_jax import flex_timing
 from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
 from flexdraft_jax import planner
@@ -36,10 +37,10 @@ def main(which: str) -> None:
   params = {"target": eng.params, "draft": eng.draft}
   prompt = np.random.RandomState(0).randint(0, cfg.vocab_size, (b, ctx)).astype(np.int32)
   lens, stops = np.full((b,), ctx, np.int32), generate_lib.stop_matrix([-1], b)
-  state = flex_lib.prefill_state(params, model_lib.KVCache.zeros(cfg, b, 256), prompt, lens,
-                                 stops, jax.random.key(0), cfg=cfg, dcfg=dcfg,
-                                 fcfg=flex_lib.FlexConfig(max_new_tokens=32),
-                                 kinds=tuple(range(len(planner.KINDS))))
+  state = flex_timing.prefill_state(params, model_lib.KVCache.zeros(cfg, b, 256), prompt, lens,
+                                    stops, jax.random.key(0), cfg=cfg, dcfg=dcfg,
+                                    fcfg=flex_lib.FlexConfig(max_new_tokens=32),
+                                    kinds=tuple(range(len(planner.KINDS))))
   if which == "slot":
     fn = jax.jit(lambda p, c: drafter.slot_pass(p, cfg, dcfg, c.lengths[:, None] - 1, c))
     args = (params, state.cache)

@@ -3,7 +3,7 @@
   python scripts/step_costs.py --batch_size=1 --out=bench_out/step_costs_b1.json
 
 Loads SmolLM2-135M-Instruct with the shipped drafter (or --drafter), fills a
-cache with --context random prompt tokens, and times `flex.timed_step` (one
+cache with --context random prompt tokens, and times `flex_timing.timed_step` (one
 loop step rewound to the prompt, as the planner's cost tables do) for ar,
 sequential and parallel with both `FlexConfig.parallel_pass` values (--passes), for
 each draft vocabulary size in --draft_vocabs. Each round
@@ -29,6 +29,7 @@ import numpy as np
 from flexdraft_jax import cpu_matmul
 from flexdraft_jax import engine as engine_lib
 from flexdraft_jax import flex as flex_lib
+from flexdraft_jax import flex_timing
 from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
 from flexdraft_jax import planner
@@ -60,9 +61,9 @@ def main(argv):
   fcfgs = {p: flex_lib.FlexConfig(mode="flex", max_new_tokens=2 * dcfg.block_size,
                                   parallel_pass=p) for p in ("single", "split")}
   capacity = -(-(ctx + 4 * dcfg.block_size) // 128) * 128
-  state = flex_lib.prefill_state(params, model_lib.KVCache.zeros(cfg, b, capacity), prompt, lens,
-                                 stops, jax.random.key(0), cfg=cfg, dcfg=dcfg,
-                                 fcfg=fcfgs["single"], kinds=tuple(range(len(planner.KINDS))))
+  state = flex_timing.prefill_state(params, model_lib.KVCache.zeros(cfg, b, capacity), prompt,
+                                    lens, stops, jax.random.key(0), cfg=cfg, dcfg=dcfg,
+                                    fcfg=fcfgs["single"], kinds=tuple(range(len(planner.KINDS))))
   # The state's candidates hold token ids, whatever the draft vocabulary: one state serves all.
   programs = [("ar", planner.AR, 1, "single", vocabs[0])]
   for v in vocabs:
@@ -76,7 +77,7 @@ def main(argv):
     both = {"target": eng.params, "draft": drafts[vocab]}
     for i in range(_CALLS.value + 1):  # the first call compiles / warms up
       start = time.perf_counter()
-      state = jax.block_until_ready(flex_lib.timed_step(
+      state = jax.block_until_ready(flex_timing.timed_step(
           both, state, prompt, lens, stops, cfg=cfg, dcfg=dcfg, fcfg=fcfgs[how], kind=kind,
           width=width))
       if i:

@@ -19,6 +19,7 @@ from scipy import stats as scipy_stats
 from flexdraft_jax import drafter
 from flexdraft_jax import flex
 from flexdraft_jax import flex_stats
+from flexdraft_jax import flex_timing
 from flexdraft_jax import planner
 from flexdraft_jax import generate as generate_lib
 from flexdraft_jax import model as model_lib
@@ -257,13 +258,13 @@ def test_split_parallel_step_equals_the_single_step(greedy_setup, width):
   for how in ("single", "split"):
     fcfg = flex.FlexConfig(mode="parallel", max_new_tokens=M, parallel_pass=how)
     cache = model_lib.KVCache.zeros(cfg, 3, capacity(prompt_BP.shape[1], fcfg, DCFG))
-    state = flex.prefill_state(params, cache, prompt_BP, lens, stops, jax.random.key(0), cfg=cfg,
-                               dcfg=DCFG, fcfg=fcfg, kinds=(planner.PARALLEL,))
+    state = flex_timing.prefill_state(params, cache, prompt_BP, lens, stops, jax.random.key(0),
+                                      cfg=cfg, dcfg=DCFG, fcfg=fcfg, kinds=(planner.PARALLEL,))
     # Two steps (each rewound to the prompt's end by timed_step): the first verifies the
     # prefill's sequential-made drafts, the second the parallel step's calibrated ones.
     for _ in range(2):
-      state = flex.timed_step(params, state, prompt_BP, lens, stops, cfg=cfg, dcfg=DCFG,
-                              fcfg=fcfg, kind=planner.PARALLEL, width=width)
+      state = flex_timing.timed_step(params, state, prompt_BP, lens, stops, cfg=cfg, dcfg=DCFG,
+                                     fcfg=fcfg, kind=planner.PARALLEL, width=width)
     out[how] = jax.device_get(state)
   single, split = out["single"], out["split"]
   np.testing.assert_array_equal(single.tokens, split.tokens)

@@ -89,7 +89,8 @@ def test_greedy_chain_is_the_leading_match():
     drafts = rng.randint(0, 4, (1, 6))
     target = rng.randint(0, 4, 7)
     c = speculation.chain(jnp.asarray(drafts, jnp.int32), jnp.ones((1, 6)), last_logits=None,
-                          q=None, certain=jnp.zeros((1,), jnp.int32), source=jnp.zeros((1,), jnp.int32))
+                          q=None, certain=jnp.zeros((1,), jnp.int32),
+                          source=jnp.zeros((1,), jnp.int32))
     acc, bonus, path = speculation.verify(None, one_hot_logits(target, 4), c, 6, GREEDY)
     want = int(np.cumprod(drafts[0] == target[:6]).sum())
     assert int(acc[0]) == want and int(bonus[0]) == target[want]

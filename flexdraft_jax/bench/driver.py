@@ -38,7 +38,8 @@ from flexdraft_jax.model_config import ModelConfig
 def load_drafter(opts: Options, cfg: ModelConfig, params, out_dir: pathlib.Path):
   """(DrafterConfig, draft params, header fields): --drafter, or a random one exported
   to out_dir/random_drafter. Only pld/ar: no draft params, --block_size."""
-  if not opts.calibrate and not {runners.split_mode(m)[0] for m in opts.modes} & set(runners.DRAFTED):
+  bases = {runners.split_mode(m)[0] for m in opts.modes}
+  if not opts.calibrate and not bases & set(runners.DRAFTED):
     return drafter_lib.DrafterConfig(num_draft_layers=1, block_size=opts.block_size), None, {
         "drafter": None}
   cfg_dict = dataclasses.asdict(cfg)
