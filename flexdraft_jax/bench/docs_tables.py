@@ -28,7 +28,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = "docs/results"
 DOCS = ("README.md", "docs/RESULTS.md")
 REGION = re.compile(
-    r"(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+    r"^(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)^(<!-- /table -->)$", re.S | re.M)
+OPENING = re.compile(r"^<!-- table: ([\w.-]+) -->$", re.M)  # markers sit on lines of their own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +289,8 @@ def rewrite(text: str) -> str:
 def check(text: str) -> list[str]:
   """The names of the tables in text that differ from their rendering (or are unknown)."""
   bad = []
+  starts = {m.start() for m in REGION.finditer(text)}
+  bad += [f"{m[1]} (no <!-- /table -->)" for m in OPENING.finditer(text) if m.start() not in starts]
   for name, body in regions(text):
     if name not in TABLES or body != "\n" + render(name) + "\n":
       bad.append(name)
