@@ -211,17 +211,38 @@ def render_matmul(t: Table) -> list[str]:
   return _md(header, lines)
 
 
+def render_headline(t: Table) -> list[str]:
+  """One line per (platform, JSON, mode, batch): the current speedup, for the README's top."""
+  header = ["platform", "date", "mode", "batch", "tau", "tok/s", "speedup over AR (same run)"]
+  lines = []
+  for label, f, mode, batch in t.options["rows"]:
+    d = load(f)
+    r = next(r for r in d["rows"] if _mode_name(r) == mode and r["batch_size"] == batch)
+    vs = "withheld" if r.get("speedup_vs_ar") is None else f"**{r['speedup_vs_ar']:.2f}x**"
+    lines.append([label, date(d)[:10], mode, str(batch), _num(r["tau"], 2),
+                  _num(r["tokens_per_s"]), vs])
+  return _md(header, lines)
+
+
 RENDERERS: dict[str, Callable[[Table], list[str]]] = {
     "by_batch": render_by_batch,
     "modes": render_modes,
     "variants": render_variants,
     "step_costs": render_step_costs,
     "matmul": render_matmul,
+    "headline": render_headline,
 }
 
 _MODES5 = ["ar", "pld", "parallel", "sequential", "flex"]
 
+_HEADLINE_ROWS = (
+    ("this CPU (2-vCPU Intel Xeon), f32", "cpu/trees_auto_2026-12-07_b1.json", "sequential", 1),
+    ("H200, bf16", "h200/bench_b1_b8.json", "flex", 1),
+)
+
 TABLES: dict[str, Table] = {
+    # README, first screen: the current speedup per platform.
+    "headline": Table("headline", tuple(r[1] for r in _HEADLINE_ROWS), {"rows": _HEADLINE_ROWS}),
     # README: the current CPU results (2026-12-07, Intel Xeon).
     "cpu_flex_2026-12-07": Table("modes", ("cpu/trees_flex_2026-12-07_b1.json",)),
     "cpu_trees_2026-12-07": Table("modes", (
