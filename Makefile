@@ -5,7 +5,7 @@ STAMP := .venv/.installed
 KERNEL := flexdraft_jax/_cpu/libflexdraft_matmul.so
 KERNEL_SRC := flexdraft_jax/csrc/cpu_matmul.cc
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench docs clean
 
 install: $(STAMP) $(KERNEL)
 
@@ -61,6 +61,11 @@ bench: $(STAMP) $(KERNEL)
 	$(BENCH) --calibrate --prompts=sharegpt-heldout --max_prompt_tokens=256
 	$(BENCH) --costs=bench_out/costs.json --modes=ar,pld,parallel,sequential,flex --repeats=2 \
 	  --compare_hf=false
+
+# Re-render the results tables of README.md and docs/RESULTS.md from docs/results/*.json
+# (tests/test_docs.py checks them).
+docs: $(STAMP)
+	$(PY) -m flexdraft_jax.bench.docs_tables --write
 
 clean:
 	rm -rf .venv bench_out flexdraft_jax/_cpu
