@@ -62,8 +62,8 @@ def _md(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _mode_name(row: dict) -> str:
-  nodes = row.get("tree_nodes")
-  return row["mode"] if nodes in (None, "auto") else f"{row['mode']}@{nodes}"
+  """The bench's --modes entry: 'parallel', or 'parallel@1' (chains), 'sequential@8', ..."""
+  return row["mode"]
 
 
 def _chose(row: dict) -> str:
@@ -151,17 +151,22 @@ def render_by_batch(t: Table) -> list[str]:
 def render_modes(t: Table) -> list[str]:
   """One line per (run, mode): tau, tok/s and the speedup over AR of the same run."""
   labels = t.options.get("labels", {})
-  header = (["run"] if labels else []) + ["mode", "tau", "tok/s", "vs AR (same run)", "steps"]
+  data = {f: load(f) for f in t.files}
+  nodes = any("tree_nodes" in r for d in data.values() for r in d["rows"])  # 1: chains
+  header = ((["run"] if labels else []) + ["mode"] + (["tree nodes"] if nodes else [])
+            + ["tau", "tok/s", "vs AR (same run)", "steps"])
   lines = []
   for f in t.files:
-    for r in load(f)["rows"]:
+    for r in data[f]["rows"]:
       name = _mode_name(r)
       if r["mode"] == "ar" and not t.options.get("ar_rows", True):
         continue
       speed = "withheld" if not r.get("lossless", True) else _num(r["tokens_per_s"])
       vs = "-" if r.get("speedup_vs_ar") is None else f"{r['speedup_vs_ar']:.2f}x"
       steps = _chose(r) if r["mode"] != "ar" else f"{r['steps']} ar"
-      lines.append(([labels[f]] if labels else []) + [name, _num(r["tau"], 2), speed, vs, steps])
+      lines.append(([labels[f]] if labels else []) + [name]
+                   + ([str(r.get("tree_nodes", "-"))] if nodes else [])
+                   + [_num(r["tau"], 2), speed, vs, steps])
   return _md(header, lines)
 
 
