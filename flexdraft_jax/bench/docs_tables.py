@@ -216,6 +216,16 @@ def render_matmul(t: Table) -> list[str]:
   return _md(header, lines)
 
 
+def render_cost_table(t: Table) -> list[str]:
+  """A `bench --calibrate` cost table: step ms per kind (lines) and verify width (columns)."""
+  d = load(t.files[0])
+  lines = []
+  for batch, table in d["step_ms"].items():
+    for kind, ms in zip(d["kinds"], table):
+      lines.append([batch, kind] + [_num(x) for x in ms])
+  return _md(["batch", "kind"] + [f"width {w} (ms)" for w in d["verify_widths"]], lines)
+
+
 def render_headline(t: Table) -> list[str]:
   """One line per (platform, JSON, mode, batch): the current speedup, for the README's top."""
   header = ["platform", "date", "mode", "batch", "tau", "tok/s", "speedup over AR (same run)"]
@@ -236,6 +246,7 @@ RENDERERS: dict[str, Callable[[Table], list[str]]] = {
     "step_costs": render_step_costs,
     "matmul": render_matmul,
     "headline": render_headline,
+    "cost_table": render_cost_table,
 }
 
 _MODES5 = ["ar", "pld", "parallel", "sequential", "flex"]
@@ -259,6 +270,7 @@ TABLES: dict[str, Table] = {
         "cpu/seq_free_token_after_2026-12-07.json": "chains + sequential's free token",
         "cpu/trees_auto_2026-12-07_b1.json": "token trees (16 nodes)",
     }}),
+    "cpu_costs_2026-12-07_b4": Table("cost_table", ("cpu/calibrate_trees_2026-12-07_b4.json",)),
     # README and RESULTS: the H200 (2026-11-28, the shipped drafter, chains).
     "h200_2026-11-28": Table("by_batch", ("h200/bench_b1_b8.json", "h200/bench_b64.json"),
                              {"modes": ["ar", "parallel", "sequential", "flex"]}),
