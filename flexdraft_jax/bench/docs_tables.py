@@ -90,9 +90,11 @@ def machine(data: dict) -> str:
   m = h.get("machine")
   if isinstance(m, dict):
     if h.get("backend") == "cpu":
-      where = f"{m.get('cpus_usable', m.get('cpu_count'))}-vCPU {m.get('cpu_model') or m.get('processor')}"
+      cpus, model = m.get("cpus_usable", m.get("cpu_count")), m.get("cpu_model") or m.get("processor")
+      where = f"{cpus}-vCPU {model}"
     else:
-      where = f"{h.get('backend')} {', '.join(h.get('devices', []))} ({m.get('cpu_count')}-CPU {m.get('cpu_model')} host)"
+      devices = ", ".join(h.get("devices", []))
+      where = f"{h.get('backend')} {devices} ({m.get('cpu_count')}-CPU {m.get('cpu_model')} host)"
     versions = h.get("versions", {})
     return f"{where}, {h.get('dtype')}, jax {versions.get('jax')}"
   if "backend" in h:  # scripts/step_costs.py headers
@@ -120,7 +122,7 @@ def sources(files: tuple[str, ...]) -> list[str]:
   return out
 
 
-# ---------------------------------------------------------------- renderers: Table -> markdown lines
+# ---------------------------------------------------------------- renderers: Table -> md lines
 
 
 def render_by_batch(t: Table) -> list[str]:
@@ -141,7 +143,8 @@ def render_by_batch(t: Table) -> list[str]:
     line = [str(b), _num(rows["ar"]["tokens_per_s"])]
     line += [_speed(rows[m]) if m in rows else "-" for m in modes if m != "ar"]
     if t.options.get("tau", True):
-      line.append(" / ".join(_num(rows[m]["tau"], 2) if m in rows else "-" for m in modes if m != "ar"))
+      line.append(" / ".join(_num(rows[m]["tau"], 2) if m in rows else "-"
+                             for m in modes if m != "ar"))
     if t.options.get("chose"):
       line.append(_chose(rows["flex"]) if "flex" in rows else "-")
     lines.append(line)
@@ -210,8 +213,8 @@ def render_matmul(t: Table) -> list[str]:
       ["30 layers, after (ms)"] + f(new["layers_ms"]["kernel"]),
       ["XLA's dot, same runs (ms)"] + [f"{a:.1f} / {b:.1f}" for a, b in
                                        zip(old["layers_ms"]["xla"], new["layers_ms"]["xla"])],
-      ["LM head, before / after (ms)"] + [f"{a:.1f} / {b:.1f}" for a, b in
-                                          zip(old["lm_head_ms"]["kernel"], new["lm_head_ms"]["kernel"])],
+      ["LM head, before / after (ms)"] + [
+          f"{a:.1f} / {b:.1f}" for a, b in zip(old["lm_head_ms"]["kernel"], new["lm_head_ms"]["kernel"])],
   ]
   return _md(header, lines)
 
@@ -297,9 +300,11 @@ TABLES: dict[str, Table] = {
     "cpu_planner_curve_vocab_2026-12-06": Table("by_batch", tuple(
         f"cpu/planner_curve_vocab_2026-12-06_b{b}.json" for b in (1, 4, 16)),
         {"modes": _MODES5, "chose": True}),
-    "cpu_matmul_interleaved_2026-12-06": Table("matmul", ("cpu/matmul_interleaved_x_2026-12-06.json",)),
+    "cpu_matmul_interleaved_2026-12-06": Table(
+        "matmul", ("cpu/matmul_interleaved_x_2026-12-06.json",)),
     "cpu_step_costs_kernel_xi_2026-12-06": Table("step_costs", (
-        "cpu/step_costs_kernel_xi_2026-12-06_b1.json", "cpu/step_costs_kernel_xi_2026-12-06_b4.json")),
+        "cpu/step_costs_kernel_xi_2026-12-06_b1.json",
+        "cpu/step_costs_kernel_xi_2026-12-06_b4.json")),
     "cpu_planner_curve_final_2026-12-06": Table("by_batch", tuple(
         f"cpu/planner_curve_final_2026-12-06_b{b}.json" for b in (1, 4, 16)),
         {"modes": _MODES5, "chose": True}),
