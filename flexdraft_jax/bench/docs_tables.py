@@ -90,7 +90,8 @@ def machine(data: dict) -> str:
   m = h.get("machine")
   if isinstance(m, dict):
     if h.get("backend") == "cpu":
-      cpus, model = m.get("cpus_usable", m.get("cpu_count")), m.get("cpu_model") or m.get("processor")
+      cpus = m.get("cpus_usable", m.get("cpu_count"))
+      model = m.get("cpu_model") or m.get("processor")
       where = f"{cpus}-vCPU {model}"
     else:
       devices = ", ".join(h.get("devices", []))
@@ -213,8 +214,9 @@ def render_matmul(t: Table) -> list[str]:
       ["30 layers, after (ms)"] + f(new["layers_ms"]["kernel"]),
       ["XLA's dot, same runs (ms)"] + [f"{a:.1f} / {b:.1f}" for a, b in
                                        zip(old["layers_ms"]["xla"], new["layers_ms"]["xla"])],
-      ["LM head, before / after (ms)"] + [
-          f"{a:.1f} / {b:.1f}" for a, b in zip(old["lm_head_ms"]["kernel"], new["lm_head_ms"]["kernel"])],
+      ["LM head, before / after (ms)"] + [f"{a:.1f} / {b:.1f}" for a, b in
+                                          zip(old["lm_head_ms"]["kernel"],
+                                              new["lm_head_ms"]["kernel"])],
   ]
   return _md(header, lines)
 
