@@ -117,7 +117,7 @@ def date(data: dict) -> str:
 
 def sources(files: tuple[str, ...]) -> list[str]:
   out = []
-  for f in files:
+  for f in dict.fromkeys(files):  # each JSON once, in order
     d = load(f)
     out.append(f"- `docs/results/{f}` ({date(d)}; {machine(d)}): {command(d)}")
   return out
@@ -237,9 +237,14 @@ def render_headline(t: Table) -> list[str]:
   lines = []
   for label, f, mode, batch in t.options["rows"]:
     d = load(f)
-    r = next(r for r in d["rows"] if _mode_name(r) == mode and r["batch_size"] == batch)
+    rows = [r for r in d["rows"] if r["batch_size"] == batch]
+    if mode == "best fixed":  # the fastest mode other than ar and flex that kept AR's tokens
+      fixed = [r for r in rows if r["mode"] not in ("ar", "flex") and r.get("speedup_vs_ar")]
+      r = max(fixed, key=lambda r: r["speedup_vs_ar"])
+    else:
+      r = next(r for r in rows if _mode_name(r) == mode)
     vs = "withheld" if r.get("speedup_vs_ar") is None else f"**{r['speedup_vs_ar']:.2f}x**"
-    lines.append([label, date(d)[:10], mode, str(batch), _num(r["tau"], 2),
+    lines.append([label, date(d)[:10], _mode_name(r), str(batch), _num(r["tau"], 2),
                   _num(r["tokens_per_s"]), vs])
   return _md(header, lines)
 
@@ -257,15 +262,17 @@ RENDERERS: dict[str, Callable[[Table], list[str]]] = {
 _MODES5 = ["ar", "pld", "parallel", "sequential", "flex"]
 
 _HEADLINE_ROWS = (
-    ("this CPU (2-vCPU Intel Xeon), f32", "cpu/trees_auto_2026-12-07_b1.json", "sequential", 1),
+    ("this CPU (2-vCPU Intel Xeon), f32", "cpu/trees_flex_2026-12-07_b1.json", "flex", 1),
+    ("this CPU, best fixed mode", "cpu/trees_flex_2026-12-07_b1.json", "best fixed", 1),
     ("H200, bf16", "h200/bench_b1_b8.json", "flex", 1),
 )
 
 TABLES: dict[str, Table] = {
     # README, first screen: the current speedup per platform.
     "headline": Table("headline", tuple(r[1] for r in _HEADLINE_ROWS), {"rows": _HEADLINE_ROWS}),
-    # README: the current CPU results (2026-12-07, Intel Xeon).
+    # README and RESULTS: the current CPU results (2026-12-07, Intel Xeon).
     "cpu_flex_2026-12-07": Table("modes", ("cpu/trees_flex_2026-12-07_b1.json",)),
+    # RESULTS: the day's steps to it.
     "cpu_trees_2026-12-07": Table("modes", (
         "cpu/seq_free_token_before_2026-12-07.json",
         "cpu/seq_free_token_after_2026-12-07.json",
