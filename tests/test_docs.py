@@ -26,9 +26,11 @@ def test_tables_equal_their_rendering(doc):
 def test_a_hand_edited_number_fails():
   text = _text("README.md")
   name, body = docs_tables.regions(text)[0]
-  # Change the first number in the table's first data line, in a copy of the README.
+  # Change the last digit of the first measured value (a decimal, e.g. tau) in the table's
+  # first data line, in a copy of the README.
   data_line = body.split("\n")[3]
-  edited_line = re.sub(r"\d", lambda m: str((int(m[0]) + 1) % 10), data_line, count=1)
+  edited_line = re.sub(r"(\d+\.\d*)(\d)", lambda m: m[1] + str((int(m[2]) + 1) % 10),
+                       data_line, count=1)
   assert edited_line != data_line
   edited = text.replace(data_line, edited_line, 1)
   assert docs_tables.check(edited) == [name]
