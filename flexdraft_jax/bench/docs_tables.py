@@ -271,7 +271,12 @@ TABLES: dict[str, Table] = {
     # README, first screen: the current speedup per platform.
     "headline": Table("headline", tuple(r[1] for r in _HEADLINE_ROWS), {"rows": _HEADLINE_ROWS}),
     # README and RESULTS: the current CPU results (2026-12-07, Intel Xeon).
-    "cpu_flex_2026-12-07": Table("modes", ("cpu/trees_flex_2026-12-07_b1.json",)),
+    "cpu_flex_2026-12-07": Table("modes", (
+        "cpu/trees_flex_2026-12-07_b1.json", "cpu/trees_flex_2026-12-07_b4.json",
+    ), {"labels": {
+        "cpu/trees_flex_2026-12-07_b1.json": "batch 1",
+        "cpu/trees_flex_2026-12-07_b4.json": "batch 4",
+    }}),
     # RESULTS: the day's steps to it.
     "cpu_trees_2026-12-07": Table("modes", (
         "cpu/seq_free_token_before_2026-12-07.json",
