@@ -399,11 +399,12 @@ MIXING_LOOKUP = dict(ar=0.7, pld=1.0, parallel=1.2, sequential=1.9)
 
 def test_all_four_kinds_mixed_are_lossless(greedy_setup):
   """Crafted tables make one loop switch kinds step by step (llama and qwen3, batches
-  1/3/8, stops inside blocks, max_new_tokens mid-block): tokens equal AR's. Each run
-  mixes at least three kinds, and all four are asserted over the runs."""
+  1 and 8, stops inside blocks, max_new_tokens mid-block): tokens equal AR's. Each run
+  mixes at least three kinds, and all four are asserted over the runs. (Batch 3, ragged:
+  test_greedy_lossless_random_drafter.)"""
   fcfg = case_config("flex", "cumulative_product")  # flex_generate with a table: all kinds
   used = {}
-  for family, batch in itertools.product(("llama", "qwen3"), (1, 3, 8)):
+  for family, batch in itertools.product(("llama", "qwen3"), (1, 8)):
     costs = table(DCFG.block_size, **(MIXING if family == "llama" else MIXING_LOOKUP))
     cfg, params, prompts, ar, stops = greedy_setup[family]
     got, summary = run_flex(cfg, params, prompts[:batch], fcfg, stops[:batch], costs=costs)
@@ -555,18 +556,15 @@ TREE_DCFG = drafter.DrafterConfig(num_draft_layers=1, block_size=4, calib_rank=8
 
 def test_speculative_sampling_law_trees(small):
   """Token trees (4 nodes, 3 children a node, tokens drawn afresh per node, so siblings
-  repeat tokens), verified by multi-draft speculative sampling, parallel and sequential
-  steps mixed by the table: the first 3 tokens follow the exact law. (The statistic's
-  power against a skipped sibling residual: test_trees.)"""
+  repeat tokens) verified whole by multi-draft speculative sampling in parallel steps:
+  the first 3 tokens follow the exact law. (The statistic's power against a skipped
+  sibling residual: test_trees; sequential's sampled free token: the chain tests above.)"""
   cfg, target, _ = small
   params = decoding(target, noisy_drafter(SMALL, TREE_DCFG, target, seed=4, noise=1.0))
-  fcfg = flex.FlexConfig(mode="flex", verify_strategy="expected_throughput", max_new_tokens=3,
-                         sampling=T1)
-  costs = table(4, ar=0.8, pld=1.3, parallel=1.0, sequential=1.7)
-  counts, st = sample_counts(cfg, params, fcfg, costs, dcfg=TREE_DCFG)
+  fcfg = flex.FlexConfig(mode="parallel", verify_strategy="full", max_new_tokens=3, sampling=T1)
+  counts, st = sample_counts(cfg, params, fcfg, dcfg=TREE_DCFG)
   assert min(pair_pvalues(counts, exact_law(cfg, target, T1))) > 1e-4
-  assert st.modes[planner.PARALLEL] and st.modes[planner.SEQUENTIAL], st.modes
-  assert st.verify_hist[-1] > 0, st.verify_hist  # whole 4-node trees were verified
+  assert st.verify_hist[-1] == st.steps > 0, st.verify_hist  # whole 4-node trees
 
 
 def test_sampling_statistic_rejects_a_broken_acceptor(small):
