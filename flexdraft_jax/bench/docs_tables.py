@@ -89,13 +89,15 @@ def machine(data: dict) -> str:
   h = data.get("header", {})
   m = h.get("machine")
   if isinstance(m, dict):
-    if h.get("backend") == "cpu":
+    if h.get("backend", "cpu") == "cpu":
       cpus = m.get("cpus_usable", m.get("cpu_count"))
       model = m.get("cpu_model") or m.get("processor")
       where = f"{cpus}-vCPU {model}"
     else:
       devices = ", ".join(h.get("devices", []))
       where = f"{h.get('backend')} {devices} ({m.get('cpu_count')}-CPU {m.get('cpu_model')} host)"
+    if "dtype" not in h:  # not a bench header (e.g. a replay script's)
+      return where
     versions = h.get("versions", {})
     return f"{where}, {h.get('dtype')}, jax {versions.get('jax')}"
   if "backend" in h:  # scripts/step_costs.py headers
@@ -231,6 +233,20 @@ def render_cost_table(t: Table) -> list[str]:
   return _md(["batch", "kind"] + [f"width {w} (ms)" for w in d["verify_widths"]], lines)
 
 
+def render_replay(t: Table) -> list[str]:
+  """tree_replay.py's rows ('{prefix}_{shape}': tau): one line per draft shape, one column
+  per step kind (prefix)."""
+  taus = {r["name"]: r["tau"] for r in load(t.files[0])["rows"]}
+  kinds = t.options["kinds"]  # prefix -> column title
+  shapes: list[str] = []
+  for name in taus:
+    shape = name.split("_", 1)[1]
+    if shape not in shapes:
+      shapes.append(shape)
+  lines = [[shape] + [_num(taus.get(f"{k}_{shape}"), 3) for k in kinds] for shape in shapes]
+  return _md(["drafts verified per step"] + list(kinds.values()), lines)
+
+
 def render_headline(t: Table) -> list[str]:
   """One line per (platform, JSON, mode, batch): the current speedup, for the README's top."""
   header = ["platform", "date", "mode", "batch", "tau", "tok/s", "speedup over AR (same run)"]
@@ -257,6 +273,7 @@ RENDERERS: dict[str, Callable[[Table], list[str]]] = {
     "matmul": render_matmul,
     "headline": render_headline,
     "cost_table": render_cost_table,
+    "replay": render_replay,
 }
 
 _MODES5 = ["ar", "pld", "parallel", "sequential", "flex"]
@@ -287,6 +304,9 @@ TABLES: dict[str, Table] = {
         "cpu/seq_free_token_after_2026-12-07.json": "chains + sequential's free token",
         "cpu/trees_auto_2026-12-07_b1.json": "token trees (16 nodes)",
     }}),
+    "cpu_tree_replay_2026-12-07": Table("replay", ("cpu/tree_replay_2026-12-07.json",), {
+        "kinds": {"par": "parallel tau", "seq": "sequential tau (before the free token)",
+                  "newseq": "sequential tau (with its free token)"}}),
     "cpu_costs_2026-12-07_b4": Table("cost_table", ("cpu/calibrate_trees_2026-12-07_b4.json",)),
     # README and RESULTS: the H200 (2026-11-28, the shipped drafter, chains).
     "h200_2026-11-28": Table("by_batch", ("h200/bench_b1_b8.json", "h200/bench_b64.json"),
