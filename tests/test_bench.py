@@ -205,6 +205,9 @@ def test_calibrate_then_flex_with_the_table(tmp_path, tiny_hf_folder, prompt_fil
   kinds = flex_lib.compiled_kinds(flex_lib.FlexConfig(), 1, 4, table)
   assert row["compiled_kinds"] == [planner.KINDS[k] for k in kinds]
   assert row["calibration_error"] is None or row["calibration_error"] > -1
+  with pytest.raises(app.UsageError, match=r"--modes=parallel@8: tree_nodes must be .* verify "
+                                           r"widths \(1, 2, 4\) of block size 4"):
+    _main(*common, "--modes=parallel@8", "--compare_hf=false", f"--out_dir={tmp_path / 'run'}")
   with pytest.raises(app.UsageError, match="another setup: .*block_size: 4 \\(table\\) vs 8"):
     _main(*common[:-2], "--block_size=8", "--no_calibration", "--modes=flex", f"--costs={path}",
           f"--out_dir={tmp_path / 'run'}")

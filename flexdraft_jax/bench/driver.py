@@ -153,6 +153,13 @@ def hf_reference(opts: Options, cfg: ModelConfig) -> HfReference | None:
 
 def time_modes(opts: Options, work: Workload, header: dict, out_dir: pathlib.Path) -> dict:
   """Every mode (and HF) per batch size: {"header", "rows"}, bench.json after each size."""
+  for m in opts.modes:  # a tree size this drafter's block has no verify width for
+    base, nodes = runners.split_mode(m)
+    try:
+      flex_lib.FlexConfig(mode=base, tree_nodes=nodes)
+      flex_lib.tree_shape(flex_lib.FlexConfig(tree_nodes=nodes), work.dcfg.block_size)
+    except ValueError as e:
+      raise app.UsageError(f"--modes={m}: {e}") from None
   hf_ref = hf_reference(opts, work.cfg)
   result = {"header": header, "rows": []}
   if hf_ref is not None:

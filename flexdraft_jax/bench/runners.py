@@ -76,6 +76,7 @@ def run_flex(work: Workload, groups: Groups, *, mode: str, tree_nodes: int = 0) 
   m, bs = work.max_new_tokens, work.dcfg.block_size
   fcfg = flex_lib.FlexConfig(mode=mode, verify_strategy=work.verify_strategy, max_new_tokens=m,
                              tree_nodes=tree_nodes)
+  nodes, branch = flex_lib.tree_shape(fcfg, bs)
   params = {"target": work.params, "draft": work.draft}
   result, compiled, stats = ModeResult(groups=[]), {}, []
   costs = flex_lib.table_for_mode(fcfg, bs, work.cost_table(len(groups[0])))
@@ -118,7 +119,7 @@ def run_flex(work: Workload, groups: Groups, *, mode: str, tree_nodes: int = 0) 
       mean_verify_len=(float(np.dot(hist, flex_lib.verify_buckets(bs)) / hist.sum())
                        if hist.sum() else None),
       mode_histogram=summary["modes"], cost_table=costs is not None,
-      tree_nodes=flex_lib.tree_shape(fcfg, bs)[0] if flex_lib.tree_shape(fcfg, bs)[1] > 1 else 1,
+      tree_nodes=nodes if branch > 1 else 1,
       compiled_kinds=[planner.KINDS[k] for k in kinds],
       # The acceptance model against what happened: accepted drafts expected / observed - 1.
       predicted_accepted=summary["predicted_accepted"],
