@@ -47,6 +47,7 @@ Params = Any
 
 CALIB_TARGETS = ("logits", "hidden")
 ALL_NODES = np.uint32(0xFFFFFFFF)  # Tokens.anc outside a token tree
+TREE_BITS = 32  # Tokens.anc is a uint32 bitmask: a token tree has at most 32 nodes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,11 +140,17 @@ def visibility(q: Tokens, k: Tokens) -> jax.Array:
   ex_q = lambda a: a[:, :, None]
   ex_k = lambda a: a[:, None, :]
   clean_key = ex_k(k.block) < 0
-  bit = jnp.clip(k.node, 0, 31).astype(jnp.uint32)
-  lineage = ex_k((k.node < 0) | (k.node > 31)) | (((ex_q(q.anc) >> ex_k(bit)) & 1) == 1)
+  lineage = ex_k(k.node < 0) | holds_node(ex_q(q.anc), ex_k(k.node))
   sees = jnp.where(clean_key, (ex_k(k.pos) <= ex_q(q.anchor)) & lineage,
                    ex_k(k.block) == ex_q(q.block))
   return sees & (ex_q(q.seg) == ex_k(k.seg))
+
+
+def holds_node(anc, node) -> jax.Array:
+  """Whether the ancestry bits `anc` hold tree node `node` (>= 0; broadcast). A node past
+  TREE_BITS only occurs in a chain, whose bits are ALL_NODES: held."""
+  bit = jnp.clip(node, 0, TREE_BITS - 1).astype(jnp.uint32)
+  return (node >= TREE_BITS) | (((anc >> bit) & 1) == 1)
 
 
 def tree_tokens(lengths_B, depth_BT, anc_BT) -> Tokens:

@@ -8,6 +8,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from flexdraft_jax import drafter
 from flexdraft_jax import planner
 from flexdraft_jax import prefill as prefill_lib
 from flexdraft_jax import speculation
@@ -57,9 +58,9 @@ class FlexConfig:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.prefill_chunk < 1:
       raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
-    if self.tree_nodes < 0 or self.tree_nodes > speculation.TREE_BITS:
+    if self.tree_nodes < 0 or self.tree_nodes > drafter.TREE_BITS:
       raise ValueError(f"tree_nodes must be 0 (auto), 1 (chains) or a verify width up to "
-                       f"{speculation.TREE_BITS}, got {self.tree_nodes}")
+                       f"{drafter.TREE_BITS}, got {self.tree_nodes}")
     if self.tree_nodes > 1 and self.mode in ("ar", "pld"):
       raise ValueError(f"token trees (tree_nodes={self.tree_nodes}) need a drafter's mode "
                        f"(parallel, sequential or flex), not {self.mode!r}")
@@ -99,7 +100,7 @@ def tree_shape(fcfg: FlexConfig, block_size: int) -> tuple[int, int]:
   node (1: chains). ValueError where tree_nodes is not a verify width of this block size."""
   if fcfg.tree_nodes == 1:
     return block_size, 1
-  nodes = fcfg.tree_nodes or min(block_size, speculation.TREE_BITS)
+  nodes = fcfg.tree_nodes or min(block_size, drafter.TREE_BITS)
   if nodes not in verify_buckets(block_size):
     raise ValueError(f"tree_nodes must be 0 (auto), 1 (chains) or one of the verify widths "
                      f"{verify_buckets(block_size)} of block size {block_size}, got "

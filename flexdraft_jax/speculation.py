@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexdraft_jax.drafter import ALL_NODES as ALL  # a chain node's ancestry: position decides
+from flexdraft_jax.drafter import holds_node
 from flexdraft_jax.sampling import SamplingConfig, argmax, probabilities, sample, top_probability
 
 PLD_NGRAMS = (3, 2)  # n-gram sizes pld looks up, longest first
 MAX_BRANCH = 8       # most children of a tree node: the top ranks of its depth's distribution
-TREE_BITS = 32       # ancestry is a uint32 bitmask, so a tree has at most 32 nodes
 
 
 @flax.struct.dataclass
@@ -42,22 +42,24 @@ class Candidates:
   source: jax.Array       # [B] planner.SOURCES index of what made the drafts
 
 
+def _chain_links(b: int, t: int) -> dict:
+  """Candidates' parent, depth and anc [b, t] of a chain (node i after node i-1)."""
+  i = jnp.arange(t, dtype=jnp.int32)[None]
+  return dict(parent=jnp.broadcast_to(i - 1, (b, t)), depth=jnp.broadcast_to(i, (b, t)),
+              anc=jnp.full((b, t), ALL))
+
+
 def chain(drafts_BT, conf_BT, **kw) -> Candidates:
   """Candidates whose nodes form a chain (node i after node i-1)."""
-  b, t = drafts_BT.shape
-  i = jnp.arange(t, dtype=jnp.int32)[None]
-  return Candidates(drafts=drafts_BT, conf=conf_BT, parent=jnp.broadcast_to(i - 1, (b, t)),
-                    depth=jnp.broadcast_to(i, (b, t)), anc=jnp.full((b, t), ALL), **kw)
+  return Candidates(drafts=drafts_BT, conf=conf_BT, **_chain_links(*drafts_BT.shape), **kw)
 
 
 def ancestry(anc_BT, depth_BT) -> jax.Array:
   """[B, T, T]: node j is node i or one of its ancestors (the bits of anc, or a lower
   depth in a chain, whose anc is ALL)."""
-  t = anc_BT.shape[1]
-  j = jnp.arange(t, dtype=jnp.uint32)
-  bit = (anc_BT[:, :, None] >> jnp.minimum(j, TREE_BITS - 1)[None, None]) & 1
-  bit = (bit == 1) | (j >= TREE_BITS)[None, None]
-  return bit & (depth_BT[:, None, :] <= depth_BT[:, :, None])
+  j = jnp.arange(anc_BT.shape[1], dtype=jnp.int32)
+  return holds_node(anc_BT[:, :, None], j[None, None]) & (depth_BT[:, None, :]
+                                                          <= depth_BT[:, :, None])
 
 
 def reach(a_BT, anc_BT, depth_BT) -> jax.Array:
@@ -129,9 +131,7 @@ def candidates(key, logits_BJV, sampling: SamplingConfig, source: int, last_logi
       drafts, conf = argmax(logits_BJV), top_probability(logits_BJV)
     else:
       drafts, conf = sample(key, logits_BJV, sampling), q.max(-1)
-    tree = dict(parent=jnp.broadcast_to(jnp.arange(j, dtype=jnp.int32)[None] - 1, (b, j)),
-                depth=jnp.broadcast_to(jnp.arange(j, dtype=jnp.int32)[None], (b, j)),
-                anc=jnp.full((b, j), ALL))
+    tree = _chain_links(b, j)
   else:
     p = jax.nn.softmax(logits_BJV.astype(jnp.float32), axis=-1) if q is None else q
     p_top, ids = jax.lax.top_k(p, min(branch, p.shape[-1]))  # [B, J, R]
